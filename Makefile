@@ -1,0 +1,37 @@
+# gcr: two commands do all set-up on a fresh machine.
+#   make run    venv + install + generate the default data + train + evaluate + print the table (CPU, minutes)
+#   make test   venv + install + the test suite (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch; GPU machines bring their own torch and skip this pin (make install TORCH=).
+TORCH  ?= torch==2.13.0
+ARGS   ?=
+
+.PHONY: install run test test-all lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(if $(TORCH),$(BIN)/pip install -q "$(TORCH)")
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(BIN)/gcr fit $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q -m "not slow" --timeout=900
+
+test-all: install
+	$(BIN)/python -m pytest -q --timeout=1800
+
+lint: install
+	$(BIN)/ruff check gcr tests
+
+clean:
+	rm -rf $(VENV) runs data

@@ -1,0 +1,212 @@
+"""The ``gcr`` command line.
+
+    gcr fit [key=value ...]            train + evaluate (config groups: scheme= data= model= trainer= ...)
+    gcr fit -m scheme=atomic,hkmeans   a sweep: one run per combination, one table at the end
+    gcr eval ckpt=PATH                 re-evaluate a run folder, direction folder or .ckpt
+    gcr schemes                        registered identifier schemes (built-in and plugins)
+    gcr data shapes --out DIR -n N     generate the shapes corpus in Karpathy format
+
+Configs come from ``configs/`` (or ``--config-dir``), composed with Hydra; an
+unknown key, group option or scheme fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import sys
+from pathlib import Path
+
+from gcr.errors import ConfigError, GcrError
+
+
+def config_dir(explicit: str | None = None) -> Path:
+    """``--config-dir``, else ``$GCR_CONFIG_DIR``, else the repository's ``configs/``, else ``./configs``."""
+    for candidate in (explicit, os.environ.get("GCR_CONFIG_DIR"), Path(__file__).resolve().parent.parent / "configs",
+                      Path.cwd() / "configs"):
+        if candidate and (Path(candidate) / "config.yaml").is_file():
+            return Path(candidate).resolve()
+    raise ConfigError("no gcr configs found: pass --config-dir DIR (a folder with config.yaml) or set GCR_CONFIG_DIR")
+
+
+def _plugin_scheme_overrides(overrides: list[str], cdir: Path) -> list[str]:
+    """``scheme=NAME`` for a registered scheme without a YAML file uses the generic plugin config."""
+    from gcr.registry import SCHEMES
+
+    out = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key == "scheme" and value and not (cdir / "scheme" / f"{value}.yaml").exists():
+            if value not in SCHEMES:
+                raise ConfigError(SCHEMES._unknown_message(value))
+            out += ["scheme=_plugin", f"scheme.name={value}"]
+        else:
+            out.append(o)
+    return out
+
+
+def compose(overrides: list[str], cdir: Path):
+    """Compose the root config with Hydra; turn Hydra's errors into one clear ConfigError."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = _plugin_scheme_overrides(overrides, cdir)
+    try:
+        with initialize_config_dir(config_dir=str(cdir), version_base=None):
+            cfg = hydra_compose("config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(_explain_config_error(str(exc), cdir)) from None
+    from gcr.registry import SCHEMES
+
+    if cfg.scheme.name not in SCHEMES:
+        raise ConfigError(SCHEMES._unknown_message(cfg.scheme.name))
+    return cfg
+
+
+def _explain_config_error(message: str, cdir: Path) -> str:
+    groups = sorted(p.name for p in cdir.iterdir() if p.is_dir())
+    first = message.strip().splitlines()[0]
+    if "not in struct" in message or "Could not override" in message:
+        return f"{first}\nUse key=value only for keys that exist in the config (see `gcr fit --cfg`); add new keys with +key=value."
+    if "Could not find" in message or "Could not load" in message:
+        return f"{message.strip()}\nConfig groups: {', '.join(groups)}."
+    return message.strip()
+
+
+def _sweep(overrides: list[str]) -> list[list[str]]:
+    """Expand ``key=a,b`` sweep overrides (Hydra syntax) into one override list per run."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    axes = []
+    for o in parsed:
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        else:
+            axes.append([f"{key}={o.get_value_element_as_str()}"])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+# -- commands -----------------------------------------------------------------------------------
+def cmd_fit(args) -> int:
+    from omegaconf import OmegaConf
+
+    cdir = config_dir(args.config_dir)
+    runs = _sweep(args.overrides) if args.multirun else [args.overrides]
+    cfgs = [compose(o, cdir) for o in runs]  # validate every run before starting any
+    if args.cfg:
+        for cfg in cfgs:
+            print(OmegaConf.to_yaml(cfg))
+        return 0
+    from gcr.results import print_table
+    from gcr.train.pipeline import fit
+
+    combined = None
+    for cfg in cfgs:
+        results = fit(cfg)
+        print_table(results, title=cfg.run_name)
+        if combined is None:
+            combined = results
+        else:
+            combined["rows"] += [r for r in results["rows"] if r["kind"] != "dense"]
+    if len(cfgs) > 1:
+        from gcr.results import save_results
+
+        out = Path(cfgs[0].output_dir) / "sweep"
+        save_results(combined, out)
+        print_table(combined, title=f"sweep ({len(cfgs)} runs) -> {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from omegaconf import OmegaConf
+
+    from gcr.results import print_table, save_results
+    from gcr.train.pipeline import evaluate
+
+    values = dict(o.split("=", 1) for o in args.overrides)
+    path = values.pop("ckpt", None) or values.pop("run", None)
+    if path is None:
+        raise ConfigError("gcr eval needs ckpt=PATH (a run folder, a direction folder, or a .ckpt file)")
+    results = evaluate(path, OmegaConf.from_dotlist([f"{k}={v}" for k, v in values.items()]) if values else None)
+    out = Path(path) if Path(path).is_dir() else Path(path).parent
+    save_results(results, out / "eval")
+    print_table(results, title=f"eval {path}")
+    return 0
+
+
+def cmd_schemes(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from gcr.registry import SCHEMES
+
+    table = Table(title="identifier schemes")
+    for col in ("name", "from", "description"):
+        table.add_column(col)
+    for name, origin, description in SCHEMES.describe():
+        table.add_row(name, origin, description)
+    for name, reason in SCHEMES.broken().items():
+        table.add_row(name, "[red]broken plugin[/red]", reason)
+    Console(width=120).print(table)
+    return 0
+
+
+def cmd_data(args) -> int:
+    from gcr.data.shapes import caption_ambiguity, generate_shapes
+
+    path = generate_shapes(Path(args.out), args.num_images, seed=args.seed, image_size=args.image_size,
+                           workers=args.workers)
+    report = caption_ambiguity(path, split="test")
+    print(f"wrote {path}")
+    print("test captions matching more than one test image: " + ", ".join(f"{k}={v}" for k, v in report.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gcr", description="generative cross-modal retrieval")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fit = sub.add_parser("fit", help="train and evaluate")
+    fit.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. scheme=atomic trainer.max_epochs=5")
+    fit.add_argument("-m", "--multirun", action="store_true", help="sweep: key=a,b runs once per value")
+    fit.add_argument("--cfg", action="store_true", help="print the composed config(s) and exit")
+    fit.add_argument("--config-dir", help="folder holding config.yaml and the config groups")
+    fit.set_defaults(func=cmd_fit)
+    ev = sub.add_parser("eval", help="re-evaluate a checkpoint or run folder: gcr eval ckpt=PATH")
+    ev.add_argument("overrides", nargs="*")
+    ev.set_defaults(func=cmd_eval)
+    sc = sub.add_parser("schemes", help="list identifier schemes (built-in and plugins)")
+    sc.set_defaults(func=cmd_schemes)
+    data = sub.add_parser("data", help="generate a dataset")
+    data.add_argument("name", choices=["shapes"])
+    data.add_argument("--out", required=True)
+    data.add_argument("-n", "--num-images", type=int, default=1000)
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--image-size", type=int, default=64)
+    data.add_argument("--workers", type=int, default=1)
+    data.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("gcr: %(message)s"))
+    logger = logging.getLogger("gcr")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return args.func(args)
+    except GcrError as exc:
+        print(f"gcr: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

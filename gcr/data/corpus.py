@@ -1,0 +1,149 @@
+"""The in-memory corpus: images with captions, split train/val/test.
+
+A :class:`Corpus` is what every loader returns (Karpathy JSON, the generated
+shapes data). :func:`retrieval_task` turns it into the targets and queries of
+one retrieval direction:
+
+* ``t2i`` -- targets are images, queries are captions (hit: the caption's image);
+* ``i2t`` -- targets are captions, queries are images (hit: any of the image's captions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+Direction = Literal["t2i", "i2t"]
+DIRECTIONS: tuple[str, ...] = ("t2i", "i2t")
+Modality = Literal["text", "image"]
+
+
+@dataclass(frozen=True)
+class Caption:
+    """One caption of an image. ``caption_id`` is unique over the corpus."""
+
+    caption_id: str
+    text: str
+    image_id: str
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image file with its captions and split."""
+
+    image_id: str
+    path: Path
+    split: str
+    captions: tuple[Caption, ...]
+
+
+@dataclass
+class Corpus:
+    """Images with captions. ``name`` identifies the corpus in caches and results."""
+
+    name: str
+    images: list[ImageRecord]
+    meta: dict = field(default_factory=dict)
+
+    def split(self, name: str) -> list[ImageRecord]:
+        """Images of one split (``train``, ``val`` or ``test``)."""
+        return [im for im in self.images if im.split == name]
+
+    def captions(self, split: str | None = None) -> list[Caption]:
+        return [c for im in self.images if split is None or im.split == split for c in im.captions]
+
+    def fingerprint(self) -> str:
+        """A short hash of ids, splits and caption texts: changes whenever the corpus does."""
+        h = hashlib.sha256()
+        for im in self.images:
+            h.update(f"{im.image_id}\t{im.split}\n".encode())
+            for c in im.captions:
+                h.update(f"{c.caption_id}\t{c.text}\n".encode())
+        return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Content:
+    """What a model reads: a caption's text or an image file."""
+
+    modality: str  # "text" | "image"
+    value: str  # the text, or the image path as a string
+
+    @staticmethod
+    def text(value: str) -> Content:
+        return Content("text", value)
+
+    @staticmethod
+    def image(path: Path | str) -> Content:
+        return Content("image", str(path))
+
+
+@dataclass(frozen=True)
+class Target:
+    """A retrievable item; ``text`` is its description when one is known (captions of an image)."""
+
+    target_id: str
+    split: str
+    content: Content
+    text: str
+
+
+@dataclass(frozen=True)
+class Query:
+    """A query with the ids of the targets that count as hits."""
+
+    query_id: str
+    split: str
+    content: Content
+    relevant: tuple[str, ...]
+
+
+@dataclass
+class RetrievalTask:
+    """Targets and queries of one direction. Targets cover every split (the index)."""
+
+    direction: str
+    targets: list[Target]
+    queries: list[Query]
+
+    @property
+    def target_modality(self) -> str:
+        return "image" if self.direction == "t2i" else "text"
+
+    @property
+    def query_modality(self) -> str:
+        return "text" if self.direction == "t2i" else "image"
+
+    def queries_of(self, split: str) -> list[Query]:
+        return [q for q in self.queries if q.split == split]
+
+    def targets_of(self, split: str) -> list[Target]:
+        return [t for t in self.targets if t.split == split]
+
+
+def retrieval_task(corpus: Corpus, direction: str) -> RetrievalTask:
+    """Build the targets and queries of ``direction`` (``t2i`` or ``i2t``) from ``corpus``."""
+    if direction not in DIRECTIONS:
+        from gcr.errors import ConfigError
+
+        raise ConfigError(f"unknown direction {direction!r}; choose one of {', '.join(DIRECTIONS)}")
+    targets: list[Target] = []
+    queries: list[Query] = []
+    for im in corpus.images:
+        if direction == "t2i":
+            targets.append(
+                Target(im.image_id, im.split, Content.image(im.path), " ".join(c.text for c in im.captions))
+            )
+            queries.extend(
+                Query(c.caption_id, im.split, Content.text(c.text), (im.image_id,)) for c in im.captions
+            )
+        else:
+            targets.extend(Target(c.caption_id, im.split, Content.text(c.text), c.text) for c in im.captions)
+            queries.append(
+                Query(im.image_id, im.split, Content.image(im.path), tuple(c.caption_id for c in im.captions))
+            )
+    return RetrievalTask(direction, targets, queries)

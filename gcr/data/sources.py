@@ -1,0 +1,35 @@
+"""Dataset sources by config ``type``: the generated shapes data, or a Karpathy JSON on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gcr.data.corpus import Corpus
+
+
+def load_shapes(
+    root: str, num_images: int = 1000, seed: int = 0, image_size: int = 64, check_images: str = "open", **_: object
+) -> Corpus:
+    """Generate the shapes corpus under ``root`` (once; reused after) and load it."""
+    from gcr.data.karpathy import load_karpathy
+    from gcr.data.shapes import generate_shapes
+
+    json_path = generate_shapes(Path(root), num_images, seed=seed, image_size=image_size)
+    return load_karpathy(json_path, json_path.parent, name="shapes", check_images=check_images)
+
+
+def load_karpathy_source(
+    json: str, images: str, name: str | None = None, restval_as: str = "train", check_images: str = "open", **_: object
+) -> Corpus:
+    """Flickr30K / MS-COCO in Karpathy-split JSON, images read from ``images``."""
+    from gcr.data.karpathy import load_karpathy
+
+    return load_karpathy(Path(json), Path(images), name=name, restval_as=restval_as, check_images=check_images)
+
+
+def load_dataset(cfg) -> Corpus:
+    """Load the corpus a ``data`` config describes, dispatching on its ``type``."""
+    from gcr.registry import DATASETS
+
+    options = {k: v for k, v in dict(cfg).items() if k != "type"}
+    return DATASETS.get(cfg["type"])(**options)

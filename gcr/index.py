@@ -1,0 +1,207 @@
+"""The identifier index: identifier <-> targets, and token ids under a tokenizer.
+
+Built from a scheme's assignments, it checks uniqueness (unless the scheme
+declares shared identifiers), tokenizes every identifier (plus EOS) and checks
+that distinct identifiers stay distinct as token sequences. It is saved as one
+JSON artifact with a format version, the scheme's name and config, the corpus
+fingerprint and the tokenizer's fingerprint, and validated on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gcr.artifacts import check_header, read_json, write_json
+from gcr.errors import IdentifierError
+
+FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A short hash of the tokenizer's vocabulary (token -> id), to catch a foreign tokenizer."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256("\n".join(f"{t}\t{i}" for t, i in vocab).encode()).hexdigest()[:16]
+
+
+@dataclass
+class IdentifierIndex:
+    """Unique identifiers, the targets each names, and (after :meth:`tokenize`) their token ids."""
+
+    scheme: str
+    scheme_config: dict[str, Any]
+    direction: str
+    corpus_fingerprint: str
+    identifiers: list[str]
+    targets: list[list[str]]  # target ids named by each identifier
+    scheme_state: dict[str, Any] = field(default_factory=dict)
+    token_ids: list[list[int]] | None = None
+    tokenizer_fingerprint: str | None = None
+
+    def __post_init__(self) -> None:
+        self._by_target = {t: i for i, ts in enumerate(self.targets) for t in ts}
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        scheme: Any,
+        target_ids: Sequence[str],
+        assignments: Sequence[str],
+        *,
+        direction: str,
+        corpus_fingerprint: str,
+    ) -> IdentifierIndex:
+        """Group ``target_ids`` by their assigned identifier; enforce uniqueness unless allowed."""
+        if len(target_ids) != len(assignments):
+            raise IdentifierError(f"{len(assignments)} identifiers for {len(target_ids)} targets")
+        if not target_ids:
+            raise IdentifierError("no targets to index: the corpus split is empty")
+        dup_targets = [t for t, n in Counter(target_ids).items() if n > 1]
+        if dup_targets:
+            raise IdentifierError(f"duplicate target ids {dup_targets[:5]}; every target needs a unique id")
+        empty = [t for t, a in zip(target_ids, assignments) if not a or not a.strip()]
+        if empty:
+            raise IdentifierError(f"scheme {scheme.name!r} gave an empty identifier to targets {empty[:5]}")
+        groups: dict[str, list[str]] = {}
+        for t, a in zip(target_ids, assignments):
+            groups.setdefault(a, []).append(t)
+        shared = {a: ts for a, ts in groups.items() if len(ts) > 1}
+        if shared and not scheme.shares_identifiers:
+            example = next(iter(shared.items()))
+            raise IdentifierError(
+                f"scheme {scheme.name!r} gave the same identifier to several targets "
+                f"({len(shared)} collisions, e.g. {example[0]!r} -> {example[1][:5]}); "
+                "the scheme must make identifiers unique (add a suffix) or declare shares_identifiers"
+            )
+        return cls(
+            scheme=scheme.name,
+            scheme_config=scheme.config(),
+            direction=direction,
+            corpus_fingerprint=corpus_fingerprint,
+            identifiers=list(groups),
+            targets=list(groups.values()),
+            scheme_state=scheme.state_dict(),
+        )
+
+    def tokenize(self, tokenizer: Any) -> IdentifierIndex:
+        """Compute every identifier's token ids (+ EOS); distinct identifiers must stay distinct."""
+        if tokenizer.eos_token_id is None:
+            raise IdentifierError("the tokenizer has no EOS token; identifiers need one to end")
+        encoded = tokenizer(self.identifiers, add_special_tokens=False)["input_ids"]
+        unk = tokenizer.unk_token_id
+        token_ids = []
+        for ident, ids in zip(self.identifiers, encoded):
+            if not ids:
+                raise IdentifierError(f"identifier {ident!r} tokenizes to nothing")
+            if unk is not None and unk in ids:
+                raise IdentifierError(
+                    f"identifier {ident!r} contains tokens unknown to the tokenizer; "
+                    "add the scheme's new_tokens() to the tokenizer before tokenizing"
+                )
+            token_ids.append([*ids, tokenizer.eos_token_id])
+        seen: dict[tuple[int, ...], str] = {}
+        for ident, ids in zip(self.identifiers, token_ids):
+            other = seen.setdefault(tuple(ids), ident)
+            if other != ident:
+                raise IdentifierError(
+                    f"identifiers {other!r} and {ident!r} have the same token ids under this tokenizer"
+                )
+        self.token_ids = token_ids
+        self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
+        return self
+
+    # -- lookup -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.identifiers)
+
+    def identifier_of(self, target_id: str) -> int:
+        """Position of the identifier that names ``target_id``."""
+        try:
+            return self._by_target[target_id]
+        except KeyError:
+            raise IdentifierError(f"target {target_id!r} is not in the index") from None
+
+    def subset(self, target_ids: Iterable[str]) -> list[int]:
+        """Sorted positions of the identifiers naming any of ``target_ids`` (e.g. the test targets)."""
+        return sorted({self.identifier_of(t) for t in target_ids})
+
+    def stats(self) -> dict[str, float]:
+        """Size, identifier length in tokens, and the share of targets that share an identifier."""
+        n_targets = sum(len(t) for t in self.targets)
+        lengths = [len(t) - 1 for t in self.token_ids] if self.token_ids else []
+        shared = sum(len(t) for t in self.targets if len(t) > 1)
+        return {
+            "num_identifiers": len(self.identifiers),
+            "num_targets": n_targets,
+            "mean_id_tokens": sum(lengths) / len(lengths) if lengths else float("nan"),
+            "max_id_tokens": max(lengths, default=0),
+            "collision_rate": shared / n_targets if n_targets else 0.0,
+        }
+
+    # -- persistence --------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write ``index.json`` atomically into ``directory``."""
+        return write_json(
+            Path(directory) / INDEX_FILE,
+            {
+                "kind": "identifier_index",
+                "format_version": FORMAT_VERSION,
+                "scheme": self.scheme,
+                "scheme_config": self.scheme_config,
+                "direction": self.direction,
+                "corpus_fingerprint": self.corpus_fingerprint,
+                "tokenizer_fingerprint": self.tokenizer_fingerprint,
+                "scheme_state": self.scheme_state,
+                "identifiers": self.identifiers,
+                "targets": self.targets,
+                "token_ids": self.token_ids,
+            },
+        )
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | Path,
+        *,
+        scheme: str | None = None,
+        corpus_fingerprint: str | None = None,
+        direction: str | None = None,
+    ) -> IdentifierIndex:
+        """Load and validate an index; a foreign scheme, corpus or direction is an error."""
+        path = Path(directory) / INDEX_FILE
+        meta = read_json(path, what="identifier index")
+        check_header(
+            meta,
+            kind="identifier_index",
+            version=FORMAT_VERSION,
+            path=path,
+            scheme=scheme,
+            corpus_fingerprint=corpus_fingerprint,
+            direction=direction,
+        )
+        return cls(
+            scheme=meta["scheme"],
+            scheme_config=meta["scheme_config"],
+            direction=meta["direction"],
+            corpus_fingerprint=meta["corpus_fingerprint"],
+            identifiers=meta["identifiers"],
+            targets=meta["targets"],
+            scheme_state=meta.get("scheme_state", {}),
+            token_ids=meta.get("token_ids"),
+            tokenizer_fingerprint=meta.get("tokenizer_fingerprint"),
+        )
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """Raise if ``tokenizer`` is not the one the token ids were computed with."""
+        fp = tokenizer_fingerprint(tokenizer)
+        if self.tokenizer_fingerprint != fp:
+            raise IdentifierError(
+                f"this index was tokenized with tokenizer {self.tokenizer_fingerprint}, "
+                f"but the model's tokenizer is {fp}; re-tokenize the index for this model"
+            )

@@ -1,0 +1,150 @@
+"""The backbone protocol: an HF generative model plus its tokenizer.
+
+A backbone reads :class:`~gcr.data.corpus.Content` (a text or an image file)
+and writes identifier tokens. Every backbone goes through the same two calls:
+:meth:`GenerativeBackbone.batch` builds model inputs (prompt, and labels when
+targets are given) and :meth:`GenerativeBackbone.generate` runs HF ``generate()``
+with the trie's logits processor. Prompts and targets are left-padded, with
+``position_ids`` from the attention mask exactly as ``generate()`` computes them,
+so training and decoding see the same positions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gcr.data.corpus import Content
+from gcr.errors import ConfigError
+
+IGNORE_INDEX = -100
+BACKBONE_FILE = "backbone.json"
+
+
+class GenerativeBackbone(nn.Module):
+    """Base class: subclasses build ``model``/``tokenizer`` and may override how prompts look."""
+
+    name = ""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        image_transform: Any = None,
+        num_image_tokens: int = 0,
+        max_text_tokens: int = 64,
+    ):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_transform = image_transform
+        self.num_image_tokens = int(num_image_tokens)
+        self.max_text_tokens = int(max_text_tokens)
+        self.tokenizer.padding_side = "left"
+
+    # -- vocabulary ---------------------------------------------------------------------------
+    def add_identifier_tokens(self, tokens: Sequence[str]) -> int:
+        """Add a scheme's new tokens; the embedding matrix grows to match. Returns how many were new."""
+        added = self.tokenizer.add_tokens(list(tokens), special_tokens=False)
+        if added:
+            self.model.resize_token_embeddings(len(self.tokenizer))
+        return added
+
+    # -- inputs -------------------------------------------------------------------------------
+    def prompt_ids(self, content: Content) -> list[int]:
+        """Token ids of the prompt for one query/target content, ending in the separator."""
+        tok = self.tokenizer
+        if content.modality == "image":
+            if not self.num_image_tokens:
+                raise ConfigError(f"backbone {self.name!r} cannot read images")
+            body = [tok.convert_tokens_to_ids(tok.image_token)] * self.num_image_tokens
+        elif content.modality == "text":
+            if not content.value.strip():
+                raise ConfigError("empty text query: every caption must contain words")
+            body = tok(content.value, add_special_tokens=False)["input_ids"][: self.max_text_tokens]
+        else:
+            raise ConfigError(f"unknown content modality {content.modality!r}")
+        return [tok.bos_token_id, *body, tok.sep_token_id]
+
+    def batch(
+        self, contents: Sequence[Content], targets: Sequence[Sequence[int]] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Left-padded model inputs; with ``targets`` (token ids incl. EOS) also ``labels``."""
+        prompts = [self.prompt_ids(c) for c in contents]
+        rows = [p + list(t) for p, t in zip(prompts, targets)] if targets is not None else prompts
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, width - len(row) :] = torch.tensor(row)
+            attention[i, width - len(row) :] = 1
+            if targets is not None:
+                n = len(targets[i])
+                labels[i, width - n :] = torch.tensor(targets[i])
+        out = {"input_ids": input_ids, "attention_mask": attention}
+        out["position_ids"] = (attention.cumsum(-1) - 1).clamp(min=0)
+        if targets is not None:
+            out["labels"] = labels
+        images = [c.value for c in contents if c.modality == "image"]
+        if images:
+            out["pixel_values"] = self.image_transform(images)
+        return out
+
+    # -- model calls --------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy of the identifier tokens."""
+        return self.model(**batch).loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        batch: dict[str, torch.Tensor],
+        *,
+        logits_processor: Any,
+        num_beams: int,
+        max_new_tokens: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Beam search under the processor: ``(new tokens (B*K, T), sequence scores (B*K,))``.
+
+        Scores are summed log-probabilities (``length_penalty=0``), so rankings are comparable
+        across identifier lengths.
+        """
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "position_ids")}
+        out = self.model.generate(
+            **inputs,
+            logits_processor=logits_processor,
+            num_beams=num_beams,
+            num_return_sequences=num_beams,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            length_penalty=0.0,
+            early_stopping=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            bos_token_id=self.tokenizer.bos_token_id,
+            return_dict_in_generate=True,
+            output_scores=True,
+        )
+        prompt_len = batch["input_ids"].shape[1]
+        return out.sequences[:, prompt_len:], out.sequences_scores
+
+    # -- persistence --------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Save config, tokenizer and weights in HF format (``save_pretrained``)."""
+        directory = Path(directory)
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        (directory / BACKBONE_FILE).write_text(json.dumps({"name": self.name, **self.options()}, indent=2))
+        return directory
+
+    def options(self) -> dict[str, Any]:
+        """Constructor options recorded in ``backbone.json``."""
+        return {"num_image_tokens": self.num_image_tokens, "max_text_tokens": self.max_text_tokens}

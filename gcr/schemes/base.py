@@ -1,0 +1,74 @@
+"""The identifier-scheme interface.
+
+A scheme maps targets (and optionally their feature vectors) to identifier
+strings. It knows nothing of Lightning or the model: the
+:class:`~gcr.index.IdentifierIndex` turns identifiers into token ids under the
+model's tokenizer. Schemes whose identifiers use tokens the model does not know
+declare them in :meth:`IdentifierScheme.new_tokens`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from gcr.data.corpus import Target
+from gcr.errors import ConfigError
+
+
+class IdentifierScheme(ABC):
+    """Base class of every identifier scheme (built-in or plugin).
+
+    Subclasses set ``name``, a one-line docstring (shown by ``gcr schemes``), and
+    ``needs_features`` when :meth:`fit` requires target feature vectors.
+    """
+
+    name: ClassVar[str] = ""
+    needs_features: ClassVar[bool] = False
+    #: True when several targets may share one identifier (resolved by a suffix or by verification).
+    shares_identifiers: ClassVar[bool] = False
+
+    def __init__(self, seed: int = 0, **options: Any):
+        if options:
+            raise ConfigError(
+                f"unknown option(s) {sorted(options)} for scheme {self.name!r}; "
+                f"valid: {sorted(self.config())}"
+            )
+        self.seed = seed
+
+    @abstractmethod
+    def fit(self, targets: Sequence[Target], features: np.ndarray | None = None) -> list[str]:
+        """Assign an identifier to every target (same order). Called once per index."""
+
+    def assign(self, targets: Sequence[Target], features: np.ndarray | None = None) -> list[str]:
+        """Identifiers for *new* targets after :meth:`fit` (incremental indexing)."""
+        raise NotImplementedError(f"scheme {self.name!r} does not support incremental indexing")
+
+    def new_tokens(self) -> list[str]:
+        """Tokens the model's vocabulary must gain; empty for natural-language identifiers."""
+        return []
+
+    def config(self) -> dict[str, Any]:
+        """The scheme's options, recorded with the index so artifacts can be validated."""
+        return {"seed": self.seed}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Fitted state (JSON-serialisable or tensors) needed by :meth:`assign` after reload."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def _require_features(self, targets: Sequence[Target], features: np.ndarray | None) -> np.ndarray:
+        if features is None:
+            raise ConfigError(f"scheme {self.name!r} needs target features; set features.encoder in the config")
+        features = np.asarray(features, dtype=np.float32)
+        if features.ndim != 2 or features.shape[0] != len(targets):
+            raise ConfigError(
+                f"scheme {self.name!r} got features of shape {features.shape} for {len(targets)} targets; "
+                "expected (num_targets, dim)"
+            )
+        return features

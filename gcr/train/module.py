@@ -1,0 +1,73 @@
+"""The one LightningModule shared by every scheme and backbone.
+
+Dependencies are injected: the backbone (model + tokenizer) and, through the
+:class:`~gcr.train.callbacks.ConstrainedDecoding` callback, one retriever per
+evaluation split. Training minimises the identifier tokens' cross-entropy;
+validation and test steps retrieve under the trie and hand the ranked targets
+to :class:`~gcr.train.callbacks.RetrievalEvaluation`.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from gcr.data.corpus import Query
+
+
+class GenerativeRetrievalModule(L.LightningModule):
+    """Trains a backbone to emit identifiers; evaluates by constrained beam search."""
+
+    def __init__(
+        self,
+        backbone,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.05,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
+        self.retrievers: dict[str, object] = {}  # split -> ConstrainedRetriever, set by a callback
+        self.retrieval_seconds = 0.0
+        self.retrieval_queries = 0
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.backbone(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        if isinstance(batch, list):  # evaluation: queries; the retriever moves its own inputs
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def _retrieve(self, queries: list[Query], split: str):
+        retriever = self.retrievers.get(split)
+        if retriever is None:
+            raise RuntimeError(f"no retriever for split {split!r}: add the ConstrainedDecoding callback")
+        result = retriever([q.content for q in queries])
+        self.retrieval_seconds += result.seconds
+        self.retrieval_queries += len(queries)
+        return result
+
+    def validation_step(self, batch: list[Query], batch_idx: int):
+        return self._retrieve(batch, "val")
+
+    def test_step(self, batch: list[Query], batch_idx: int):
+        return self._retrieve(batch, "test")
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = max(1, int(total * self.warmup_ratio))
+        schedule = torch.optim.lr_scheduler.SequentialLR(
+            optimizer,
+            [
+                torch.optim.lr_scheduler.LinearLR(optimizer, 1e-3, 1.0, total_iters=warmup),
+                torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, total - warmup), eta_min=self.lr * 0.05),
+            ],
+            milestones=[warmup],
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,246 @@
+"""``gcr fit`` and ``gcr eval``: the whole job, from a composed config to a results table.
+
+Run folder layout (``<output_dir>/<run_name>/``)::
+
+    config.yaml            the resolved config
+    <direction>/index.json the identifier index (t2i, i2t)
+    <direction>/backbone/  the trained backbone (HF format: config, weights, tokenizer)
+    <direction>/checkpoints/last.ckpt   Lightning checkpoint (resume)
+    results.json           versioned results; results.md the table
+
+The dense baseline is trained once per (corpus, dense config) and cached in
+``cache_dir``, so a sweep over schemes shares it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from gcr.artifacts import load_tensors
+from gcr.data.corpus import Corpus, retrieval_task
+from gcr.data.sources import load_dataset
+from gcr.errors import ArtifactError, ConfigError
+from gcr.features import cached_target_features
+from gcr.index import IdentifierIndex
+from gcr.models.dense import DualEncoder
+from gcr.models.tiny import TinyBackbone
+from gcr.models.tokenizer import train_corpus_tokenizer
+from gcr.results import ResultRow, build_results, save_results
+from gcr.schemes import build_scheme
+from gcr.train.callbacks import ConstrainedDecoding, RetrievalEvaluation
+from gcr.train.datamodule import GenerativeDataModule
+from gcr.train.dense import DenseModule, evaluate_dense, pair_loader
+from gcr.train.module import GenerativeRetrievalModule
+
+log = logging.getLogger("gcr")
+
+
+# -- shared pieces ------------------------------------------------------------------------------
+def _trainer(cfg: DictConfig, *, max_epochs: int, run_dir: Path | None, callbacks=(), loggers=False) -> L.Trainer:
+    t = cfg.trainer
+    every = int(t.check_val_every_n_epoch)
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        precision=t.precision,
+        max_epochs=max_epochs,
+        callbacks=list(callbacks),
+        logger=loggers,
+        default_root_dir=str(run_dir) if run_dir else None,
+        enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
+        check_val_every_n_epoch=every if every > 0 else None,
+        limit_val_batches=1.0 if every > 0 else 0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=int(t.log_every_n_steps),
+        deterministic=False,
+        enable_model_summary=False,
+    )
+
+
+def _dense_dir(cfg: DictConfig, corpus: Corpus) -> Path:
+    dense_cfg = OmegaConf.to_container(cfg.dense, resolve=True)
+    key = hashlib.sha256(json.dumps([dense_cfg, cfg.seed, cfg.model.vocab_size], sort_keys=True).encode())
+    return Path(cfg.cache_dir) / f"dense-{corpus.fingerprint()}-{key.hexdigest()[:10]}"
+
+
+def corpus_tokenizer(cfg: DictConfig, corpus: Corpus):
+    """The word-piece tokenizer of the train captions (deterministic, so retraining is cheap)."""
+    return train_corpus_tokenizer((c.text for c in corpus.captions("train")), cfg.model.vocab_size)
+
+
+def dense_baseline(cfg: DictConfig, corpus: Corpus) -> tuple[DualEncoder, float]:
+    """Train (or load from the cache) the dense dual encoder; returns it and its train seconds."""
+    directory = _dense_dir(cfg, corpus)
+    if (directory / "done.json").exists():
+        meta = json.loads((directory / "done.json").read_text())
+        return DualEncoder.from_pretrained(directory), float(meta["train_seconds"])
+    d = cfg.dense
+    L.seed_everything(cfg.seed, workers=True)
+    encoder = DualEncoder(
+        corpus_tokenizer(cfg, corpus),
+        image_size=d.image_size,
+        patch_size=d.patch_size,
+        vision_hidden_size=d.vision_hidden_size,
+        vision_layers=d.vision_layers,
+        text_hidden_size=d.text_hidden_size,
+        text_layers=d.text_layers,
+        embed_dim=d.embed_dim,
+        max_text_tokens=cfg.model.max_text_tokens,
+    )
+    log.info("training the dense baseline (%d epochs)", d.max_epochs)
+    start = time.perf_counter()
+    trainer = _trainer(cfg, max_epochs=int(d.max_epochs), run_dir=directory)
+    trainer.fit(DenseModule(encoder, lr=d.lr, weight_decay=d.weight_decay), pair_loader(corpus, d.batch_size, cfg.seed))
+    seconds = time.perf_counter() - start
+    encoder.save(directory)
+    (directory / "done.json").write_text(json.dumps({"train_seconds": seconds}))
+    return encoder, seconds
+
+
+def _build_backbone(cfg: DictConfig, corpus: Corpus, dense: DualEncoder | None):
+    options = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in ("name", "vision_init")}
+    if cfg.model.name != "tiny":
+        raise ConfigError(f"model {cfg.model.name!r} is not available yet; choose one of: tiny")
+    backbone = TinyBackbone.create(corpus, tokenizer=corpus_tokenizer(cfg, corpus), **options)
+    if cfg.model.get("vision_init", "random") == "dense":
+        if dense is None:
+            raise ConfigError("model.vision_init=dense needs the dense baseline; set dense.enabled=true")
+        backbone.load_vision_tower(dense.vision_state())
+    return backbone
+
+
+def _wandb_logger(cfg: DictConfig, run_dir: Path, name: str):
+    if not cfg.wandb.enabled:
+        return False
+    from lightning.pytorch.loggers import WandbLogger
+
+    return WandbLogger(project=cfg.wandb.project, name=name, save_dir=str(run_dir), offline=cfg.wandb.mode == "offline")
+
+
+# -- fit ----------------------------------------------------------------------------------------
+def fit(cfg: DictConfig) -> dict[str, Any]:
+    """Train and evaluate ``cfg.scheme`` on ``cfg.data`` in every direction, plus the dense baseline."""
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    corpus = load_dataset(cfg.data)
+    scheme_options = {k: v for k, v in OmegaConf.to_container(cfg.scheme, resolve=True).items() if k != "name"}
+    build_scheme(cfg.scheme.name, seed=cfg.seed, **scheme_options)  # fail fast on unknown options
+
+    needs_dense = cfg.dense.enabled or cfg.model.get("vision_init") == "dense" or _scheme_needs_features(cfg)
+    dense, dense_seconds = dense_baseline(cfg, corpus) if needs_dense else (None, 0.0)
+    rows: list[ResultRow] = []
+    for direction in cfg.directions:
+        task = retrieval_task(corpus, direction)
+        if cfg.dense.enabled:
+            rows.append(ResultRow("dense", "dense", direction, evaluate_dense(dense, task, "test", tuple(cfg.eval.ks)), dense_seconds))
+        rows.append(_fit_direction(cfg, corpus, task, dense, run_dir / direction, scheme_options))
+    results = build_results(cfg, corpus, rows)
+    save_results(results, run_dir)
+    return results
+
+
+def _scheme_needs_features(cfg: DictConfig) -> bool:
+    from gcr.registry import SCHEMES
+
+    return bool(getattr(SCHEMES.get(cfg.scheme.name), "needs_features", False))
+
+
+def _fit_direction(cfg, corpus, task, dense, out_dir: Path, scheme_options) -> ResultRow:
+    L.seed_everything(cfg.seed, workers=True)
+    scheme = build_scheme(cfg.scheme.name, seed=cfg.seed, **scheme_options)
+    features = None
+    if scheme.needs_features:
+        features = cached_target_features(
+            dense, "dense", task.targets, corpus_fingerprint=corpus.fingerprint(), cache_dir=cfg.cache_dir,
+            batch_size=cfg.features.batch_size,
+        )
+    t0 = time.perf_counter()
+    assignments = scheme.fit(task.targets, features)
+    index = IdentifierIndex.build(
+        scheme, [t.target_id for t in task.targets], assignments,
+        direction=task.direction, corpus_fingerprint=corpus.fingerprint(),
+    )
+    index_seconds = time.perf_counter() - t0
+    backbone = _build_backbone(cfg, corpus, dense)
+    backbone.add_identifier_tokens(scheme.new_tokens())
+    index.tokenize(backbone.tokenizer)
+    index.save(out_dir)
+
+    module = GenerativeRetrievalModule(
+        backbone, lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, warmup_ratio=cfg.trainer.warmup_ratio
+    )
+    data = GenerativeDataModule(task, index, backbone, batch_size=cfg.trainer.batch_size, eval_batch_size=cfg.eval.batch_size)
+    evaluation = RetrievalEvaluation(tuple(cfg.eval.ks))
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0)
+    callbacks = [ConstrainedDecoding(task, index, num_beams=cfg.decoding.num_beams), evaluation, checkpoints]
+    trainer = _trainer(
+        cfg, max_epochs=int(cfg.trainer.max_epochs), run_dir=out_dir, callbacks=callbacks,
+        loggers=_wandb_logger(cfg, out_dir, f"{cfg.run_name}-{task.direction}"),
+    )
+    last = out_dir / "checkpoints" / "last.ckpt"
+    log.info("training %s/%s: %d examples per epoch", cfg.scheme.name, task.direction, len(data.examples))
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None)
+    train_seconds = time.perf_counter() - start
+    backbone.save(out_dir / "backbone")
+    trainer.test(module, datamodule=data, verbose=False)
+    metrics = dict(evaluation.results["test"])
+    return ResultRow(cfg.scheme.name, "generative", task.direction, metrics, train_seconds,
+                     index={**index.stats(), "build_seconds": index_seconds})
+
+
+# -- eval ---------------------------------------------------------------------------------------
+def evaluate(path: str | Path, overrides: DictConfig | None = None) -> dict[str, Any]:
+    """Re-evaluate a finished run (a run folder, a direction folder, or a ``.ckpt`` inside one)."""
+    path = Path(path)
+    ckpt = path if path.suffix == ".ckpt" else None
+    run_dir = _find_run_dir(path)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    if overrides is not None:
+        cfg = OmegaConf.merge(cfg, overrides)
+    corpus = load_dataset(cfg.data)
+    if ckpt is not None:
+        directions = [ckpt.parent.parent.name]
+    elif path != run_dir:
+        directions = [path.name]
+    else:
+        directions = list(cfg.directions)
+    rows = []
+    for direction in directions:
+        task = retrieval_task(corpus, direction)
+        out_dir = run_dir / direction
+        index = IdentifierIndex.load(out_dir, scheme=cfg.scheme.name, corpus_fingerprint=corpus.fingerprint(), direction=direction)
+        backbone = TinyBackbone.from_pretrained(out_dir / "backbone")
+        if ckpt is not None:
+            state = load_tensors(ckpt, what="checkpoint")["state_dict"]
+            weights = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+            try:
+                backbone.load_state_dict(weights)
+            except RuntimeError as exc:
+                raise ArtifactError(f"checkpoint {ckpt} does not fit this run's backbone ({exc})") from exc
+        module = GenerativeRetrievalModule(backbone)
+        data = GenerativeDataModule(task, index, backbone, eval_batch_size=cfg.eval.batch_size)
+        evaluation = RetrievalEvaluation(tuple(cfg.eval.ks))
+        callbacks = [ConstrainedDecoding(task, index, num_beams=cfg.decoding.num_beams), evaluation]
+        _trainer(cfg, max_epochs=1, run_dir=None, callbacks=callbacks).test(module, datamodule=data, verbose=False)
+        rows.append(ResultRow(cfg.scheme.name, "generative", direction, dict(evaluation.results["test"]), None,
+                              index=index.stats()))
+    return build_results(cfg, corpus, rows)
+
+
+def _find_run_dir(path: Path) -> Path:
+    for candidate in [path, *path.parents][:4]:
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise ArtifactError(f"{path} is not inside a gcr run folder (no config.yaml found above it); pass a run folder")
