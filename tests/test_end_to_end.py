@@ -80,12 +80,13 @@ def test_eval_from_checkpoint_reproduces_the_fit_metrics(hkmeans_run):
 
 
 def test_retriever_returns_only_indexed_test_targets(hkmeans_run):
+    from omegaconf import OmegaConf
+
     from gcr.data.corpus import retrieval_task
     from gcr.data.sources import load_dataset
     from gcr.index import IdentifierIndex
     from gcr.models.tiny import TinyBackbone
     from gcr.retrieval import ConstrainedRetriever
-    from omegaconf import OmegaConf
 
     _, run_dir, _ = hkmeans_run
     cfg = OmegaConf.load(run_dir / "config.yaml")
@@ -102,15 +103,19 @@ def test_retriever_returns_only_indexed_test_targets(hkmeans_run):
         assert scores == sorted(scores, reverse=True)
 
 
-def test_atomic_scheme_trains_and_adds_one_token_per_target(tmp_path):
+def test_atomic_scheme_trains_and_logs_to_offline_wandb(tmp_path, monkeypatch):
     from gcr.train.pipeline import fit
 
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = compose(_overrides(tmp_path, "scheme=atomic", "directions=[t2i]", "dense.enabled=false",
-                             "model.vision_init=random"), config_dir())
+                             "model.vision_init=random", "wandb.enabled=true"), config_dir())
     results = fit(cfg)
     (row,) = results["rows"]
     assert row["method"] == "atomic" and row["index"]["num_identifiers"] == 100
-    assert row["index"]["mean_id_tokens"] == 1.0
+    assert row["index"]["mean_id_tokens"] == 1.0  # one new token per target
+    offline_runs = list((Path(cfg.output_dir) / cfg.run_name / "t2i" / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1 and any(offline_runs[0].rglob("*.wandb"))
 
 
 @pytest.mark.slow
