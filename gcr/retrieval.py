@@ -21,6 +21,9 @@ from gcr.errors import DecodingError
 from gcr.index import IdentifierIndex
 
 
+_FILLER_SCORE = -1e8  # HF starts spare beams at -1e9; no real identifier scores this low
+
+
 @dataclass
 class Retrieved:
     """Ranked target ids (best first) and their identifier scores, per query."""
@@ -89,8 +92,8 @@ class ConstrainedRetriever:
         for beams, beam_scores in zip(tokens.tolist(), scores.tolist()):
             targets, target_scores = [], []
             for seq, score in zip(beams, beam_scores):
-                if score == float("-inf"):
-                    continue  # fewer reachable identifiers than beams: HF fills with dead beams
+                if score < _FILLER_SCORE:
+                    continue  # fewer reachable identifiers than beams: HF fills with dead beams (~ -1e9)
                 ident = tuple(seq[: seq.index(self.eos) + 1]) if self.eos in seq else tuple(seq)
                 position = self._position_of.get(ident)
                 if position is None:

@@ -1,0 +1,424 @@
+"""Tests of gcr.decoding: the CSR trie, the HF logits processor and gcr's own constrained beam search."""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from collections.abc import Iterator
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
+
+from gcr.decoding import TokenTrie, TrieLogitsProcessor, constrained_beam_search
+from gcr.errors import ArtifactError, DecodingError, IdentifierError
+
+EOS = 0
+VOCAB = 7  # EOS, tokens 1..5, and token 6 which no identifier uses
+FAST = settings(max_examples=40, deadline=None)
+
+
+@st.composite
+def identifier_sets(draw, max_size: int = 20) -> list[list[int]]:
+    """Unique identifiers over a tiny alphabet (so prefixes are shared), some the prefix of another before EOS."""
+    bodies = draw(
+        st.lists(st.lists(st.integers(1, 5), max_size=5), min_size=1, max_size=max_size, unique_by=tuple)
+    )
+    cuts = draw(st.lists(st.integers(0, 5), min_size=len(bodies), max_size=len(bodies)))
+    extra = [body[:cut] for body, cut in zip(bodies, cuts) if cut < len(body)]
+    unique = list(dict.fromkeys(tuple(b) for b in bodies + extra))
+    draw(st.randoms(use_true_random=False)).shuffle(unique)
+    return [[*body, EOS] for body in unique]
+
+
+def naive_trie(identifiers: list[list[int]]) -> dict:
+    """Reference trie as nested dicts; a leaf is {"id": index}."""
+    root: dict = {}
+    for index, identifier in enumerate(identifiers):
+        node = root
+        for token in identifier:
+            node = node.setdefault(token, {})
+        node["id"] = index
+    return root
+
+
+def naive_node(root: dict, prefix: list[int]) -> dict | None:
+    node = root
+    for token in prefix:
+        if token not in node:
+            return None
+        node = node[token]
+    return node
+
+
+def prefixes_and_strays(identifiers: list[list[int]], rng: random.Random) -> list[list[int]]:
+    prefixes = [identifier[:cut] for identifier in identifiers for cut in range(len(identifier) + 1)]
+    strays = [[rng.randrange(VOCAB) for _ in range(rng.randint(1, 6))] for _ in range(20)]
+    return prefixes + strays
+
+
+def padded(rows: list[list[int]], pad: int = -1) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------- trie
+
+
+@FAST
+@given(identifier_sets(), st.randoms(use_true_random=False))
+def test_trie_agrees_with_naive_dict_trie(identifiers, rng):
+    trie = TokenTrie.build(identifiers, VOCAB, EOS)
+    root = naive_trie(identifiers)
+    queries = prefixes_and_strays(identifiers, rng)
+    nodes = trie.walk(padded(queries))
+    allowed = trie.allowed_mask(nodes)
+    tokens = torch.tensor([rng.randrange(VOCAB) for _ in queries])
+    advanced = trie.advance(nodes, tokens)
+    expected_advanced = trie.walk(padded([q + [int(t)] for q, t in zip(queries, tokens)]))
+    for i, query in enumerate(queries):
+        reference = naive_node(root, query)
+        assert (int(nodes[i]) >= 0) == (reference is not None), query
+        children = set() if reference is None else {k for k in reference if k != "id"}
+        assert set(torch.nonzero(allowed[i]).flatten().tolist()) == children, query
+        assert int(trie.identifier_of(nodes[i : i + 1])) == (reference or {}).get("id", -1)
+        assert int(advanced[i]) == int(expected_advanced[i])
+    assert trie.num_identifiers == len(identifiers)
+    assert trie.sequences() == identifiers
+    assert trie.max_length == max(map(len, identifiers))
+    assert torch.equal(
+        trie.child_token[trie.indptr[0] : trie.indptr[1]].sort().values,
+        trie.child_token[trie.indptr[0] : trie.indptr[1]],
+    )
+
+
+def test_trie_csr_layout_and_prefix_before_eos():
+    trie = TokenTrie.build([[5, 7, 2], [5, 7, 9, 2], [3, 2], [2]], vocab_size=10, eos_token_id=2)
+    assert trie.num_nodes == 9 and trie.child_node.tolist() == list(range(1, 9))
+    assert trie.indptr[:2].tolist() == [0, 3] and trie.child_token[:3].tolist() == [2, 3, 5]
+    node_57 = trie.walk(torch.tensor([[5, 7]]))
+    assert torch.nonzero(trie.allowed_mask(node_57)[0]).flatten().tolist() == [2, 9]
+    leaves = trie.walk(torch.tensor([[5, 7, 2, -1], [5, 7, 9, 2], [3, 2, -1, -1], [2, -1, -1, -1]]))
+    assert trie.identifier_of(leaves).tolist() == [0, 1, 2, 3]
+    assert trie.is_leaf(leaves).all() and not trie.is_leaf(node_57).any()
+    assert trie.advance(torch.tensor([-1, 0, 0]), torch.tensor([5, 4, 12])).tolist() == [-1, -1, -1]
+    assert not trie.allowed_mask(torch.tensor([-1])).any()
+    assert trie.tokens_of(torch.tensor([3, 1])).tolist() == [[2, -1, -1, -1], [5, 7, 9, 2]]
+
+
+@pytest.mark.parametrize(
+    ("identifiers", "message"),
+    [
+        ([], "no identifiers"),
+        ([[1, 0], [2, 0], [1, 0], [3, 0], [2, 0]], r"indices \[0, 2\].*indices \[1, 4\]"),
+        ([[1, 0], [1, 2]], "identifier 1 does not end with EOS"),
+        ([[1, 0, 2, 0]], "EOS .* before its end"),
+        ([[1, 0], [7, 0]], "identifier 1 has token 7 outside"),
+        ([[-3, 0]], "token -3 outside"),
+        ([[1, 0], []], "identifier 1 is empty"),
+    ],
+)
+def test_build_rejects_invalid_identifier_sets(identifiers, message):
+    with pytest.raises(IdentifierError, match=message):
+        TokenTrie.build(identifiers, VOCAB, EOS)
+
+
+def test_state_dict_round_trip_with_weights_only_load():
+    identifiers = [[1, 2, 0], [1, 0], [3, 4, 5, 0]]
+    trie = TokenTrie.build(identifiers, VOCAB, EOS)
+    buffer = io.BytesIO()
+    torch.save(trie.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = TokenTrie.from_state_dict(torch.load(buffer, weights_only=True))
+    assert loaded.sequences() == identifiers
+    for key in ("indptr", "child_token", "child_node", "leaf_of_node"):
+        assert torch.equal(getattr(loaded, key), getattr(trie, key))
+    assert (loaded.vocab_size, loaded.eos_token_id, loaded.max_length) == (VOCAB, EOS, 4)
+    assert trie.to("cpu").sequences() == identifiers
+    with pytest.raises(ArtifactError):
+        TokenTrie.from_state_dict({**trie.state_dict(), "format": "something else"})
+
+
+def test_insert_rebuilds_and_keeps_indices():
+    trie = TokenTrie.build([[1, 2, 0], [3, 0]], VOCAB, EOS)
+    assert trie.insert([[1, 0], [1, 2, 4, 0]]) == range(2, 4)
+    assert trie.sequences() == [[1, 2, 0], [3, 0], [1, 0], [1, 2, 4, 0]] and trie.version == 1
+    with pytest.raises(IdentifierError, match=r"indices \[1, 4\]"):
+        trie.insert([[3, 0]])
+
+
+def test_build_scales_to_100k_identifiers():
+    rng = random.Random(0)
+    identifiers = list(
+        {tuple(rng.randrange(3, 32000) for _ in range(rng.randint(1, 12))) + (2,) for _ in range(100_000)}
+    )
+    trie = TokenTrie.build(identifiers, 32000, 2)
+    assert trie.num_identifiers == len(identifiers)
+    sample = rng.sample(range(len(identifiers)), 500)
+    leaves = trie.walk(padded([list(identifiers[i]) for i in sample]))
+    assert trie.identifier_of(leaves).tolist() == sample
+
+
+# ---------------------------------------------------------------------------- own beam search
+
+
+def table_step_fn(table: torch.Tensor, num_beams: int):
+    """Step function whose log-probs depend on (batch item, position, previous token) via ``table``.
+
+    ``table`` is ``(B, L, VOCAB + 1, VOCAB)`` log-probs; previous token ``VOCAB`` stands for "start".
+    """
+    batch_of_row = torch.arange(table.shape[0]).repeat_interleave(num_beams)
+
+    def step(tokens: torch.Tensor, state):
+        t = tokens.shape[1]
+        previous = tokens[:, -1] if t else torch.full_like(batch_of_row, VOCAB)
+        return table[batch_of_row, t, previous], state
+
+    return step
+
+
+def exact_score(table: torch.Tensor, item: int, identifier: list[int]) -> float:
+    previous = [VOCAB, *identifier[:-1]]
+    return sum(float(table[item, t, p, tok]) for t, (p, tok) in enumerate(zip(previous, identifier)))
+
+
+def random_table(seed: int, batch: int, length: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, length, VOCAB + 1, VOCAB, generator=generator).mul(2).log_softmax(-1)
+
+
+@FAST
+@given(identifier_sets(), st.integers(0, 2**31), st.integers(0, 3), st.sampled_from([0.0, 1.0, -0.5]))
+def test_beam_search_is_exhaustive_when_beams_cover_all_identifiers(identifiers, seed, spare, length_penalty):
+    batch, num_beams = 2, len(identifiers) + spare
+    table = random_table(seed, batch, max(map(len, identifiers)))
+    trie = TokenTrie.build(identifiers, VOCAB, EOS)
+    out = constrained_beam_search(
+        table_step_fn(table, num_beams), trie, batch, num_beams, length_penalty=length_penalty
+    )
+    for item in range(batch):
+        scored = sorted(
+            ((exact_score(table, item, s) / len(s) ** length_penalty, i) for i, s in enumerate(identifiers)),
+            reverse=True,
+        )
+        found = out.identifiers[item, : len(identifiers)].tolist()
+        assert sorted(found) == list(range(len(identifiers)))
+        assert (out.identifiers[item, len(identifiers) :] == -1).all()
+        assert out.sequences[item] == [identifiers[i] for i in found]
+        expected = torch.tensor([score for score, _ in scored])
+        torch.testing.assert_close(out.scores[item, : len(identifiers)], expected, rtol=1e-5, atol=1e-5)
+
+
+@FAST
+@given(identifier_sets(), st.integers(0, 2**31), st.integers(1, 4))
+def test_pruned_beam_search_returns_distinct_valid_identifiers_with_exact_scores(
+    identifiers, seed, num_beams
+):
+    table = random_table(seed, 1, max(map(len, identifiers)))
+    trie = TokenTrie.build(identifiers, VOCAB, EOS)
+    out = constrained_beam_search(table_step_fn(table, num_beams), trie, 1, num_beams)
+    found = [i for i in out.identifiers[0].tolist() if i >= 0]
+    assert 1 <= len(found) <= num_beams and len(set(found)) == len(found)
+    assert out.sequences[0] == [identifiers[i] for i in found]
+    scores = out.scores[0, : len(found)]
+    assert torch.all(scores[:-1] >= scores[1:])
+    torch.testing.assert_close(scores, torch.tensor([exact_score(table, 0, identifiers[i]) for i in found]))
+
+
+# ---------------------------------------------------------------------------- processor, without a model
+
+
+@FAST
+@given(identifier_sets(), st.randoms(use_true_random=False), st.integers(1, 4), st.integers(1, 3))
+def test_processor_tracks_reordered_beams(identifiers, rng, num_beams, batch):
+    """Drive the processor like beam search: rows are reshuffled within each group every step."""
+    trie = TokenTrie.build(identifiers, VOCAB, EOS)
+    root = naive_trie(identifiers)
+    prompt_length, pad = 2, 6
+    processor = TrieLogitsProcessor(trie, prompt_length, EOS, pad_token_id=pad, num_beams=num_beams)
+    rows = [[9, 9] for _ in range(batch * num_beams)]
+    for _ in range(trie.max_length + 2):
+        masked = processor(torch.tensor(rows), torch.zeros(len(rows), VOCAB))
+        for row, scores in zip(rows, masked):
+            generated = row[prompt_length:]
+            if EOS in generated:
+                expected = {EOS, pad}
+            else:
+                expected = {k for k in naive_node(root, generated) if k != "id"}
+            assert set(torch.nonzero(scores.isfinite()).flatten().tolist()) == expected
+        new_rows = []
+        for group in range(batch):
+            for _ in range(num_beams):
+                parent = rng.randrange(group * num_beams, (group + 1) * num_beams)
+                choices = torch.nonzero(masked[parent].isfinite()).flatten().tolist()
+                new_rows.append(rows[parent] + [rng.choice(choices)])
+        rows = new_rows
+
+
+def test_processor_raises_decoding_error_when_stuck():
+    trie = TokenTrie.build([[1, 2, 0], [3, 0]], VOCAB, EOS)
+    processor = TrieLogitsProcessor(trie, prompt_length=1, eos_token_id=EOS)
+    with pytest.raises(DecodingError, match="not a prefix of any identifier"):
+        processor(torch.tensor([[9, 1, 2], [9, 1, 4]]), torch.zeros(2, VOCAB))
+    scores = torch.zeros(1, VOCAB)
+    scores[0, 2] = float("-inf")  # as if another processor had forbidden the only continuation
+    with pytest.raises(DecodingError, match="score -inf"):
+        processor(torch.tensor([[9, 1]]), scores)
+    finished = processor(torch.tensor([[9, 3, 0, 0]]), torch.zeros(1, VOCAB))
+    assert torch.nonzero(finished[0].isfinite()).flatten().tolist() == [EOS]
+
+
+# ---------------------------------------------------------------------------- with a tiny HF model
+
+HF_VOCAB, HF_EOS, HF_PAD = 50, 2, 0
+
+
+@pytest.fixture(scope="module")
+def model() -> Iterator[LlamaForCausalLM]:
+    # One intra-op thread: the model is tiny, and spinning OpenMP workers only slow it on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=HF_VOCAB,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=HF_EOS,
+        pad_token_id=HF_PAD,
+    )
+    yield LlamaForCausalLM(config).eval()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def hf_identifiers() -> list[list[int]]:
+    rng = random.Random(3)
+    bodies = {tuple(rng.randrange(3, 12) for _ in range(rng.randint(0, 4))) for _ in range(40)}
+    bodies |= {body[:1] for body in bodies}  # some identifiers are prefixes of others before EOS
+    return [[*body, HF_EOS] for body in sorted(bodies)]
+
+
+PROMPTS = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 10]])
+
+
+def hf_beam_search(model, trie, num_beams: int) -> tuple[list[list[list[int]]], torch.Tensor]:
+    processor = TrieLogitsProcessor(trie, PROMPTS.shape[1], HF_EOS, pad_token_id=HF_PAD, num_beams=num_beams)
+    with torch.no_grad():
+        out = model.generate(
+            PROMPTS,
+            attention_mask=torch.ones_like(PROMPTS),
+            num_beams=num_beams,
+            num_return_sequences=num_beams,
+            do_sample=False,
+            length_penalty=0.0,
+            logits_processor=LogitsProcessorList([processor]),
+            max_new_tokens=trie.max_length + 1,
+            return_dict_in_generate=True,
+            output_scores=True,
+        )
+    rows = [row[: row.index(HF_EOS) + 1] for row in out.sequences[:, PROMPTS.shape[1] :].tolist()]
+    return [rows[b * num_beams : (b + 1) * num_beams] for b in range(len(PROMPTS))], out.sequences_scores
+
+
+def model_step_fn(model, num_beams: int):
+    """Step function over the HF model with its KV cache; the prompt is fed on the first call."""
+    prompts = PROMPTS.repeat_interleave(num_beams, dim=0)
+
+    def step(tokens: torch.Tensor, cache):
+        with torch.no_grad():
+            if cache is None:
+                out = model(input_ids=prompts, use_cache=True)
+            else:
+                out = model(input_ids=tokens[:, -1:], past_key_values=cache, use_cache=True)
+        return out.logits[:, -1].float().log_softmax(-1), out.past_key_values
+
+    def reorder(cache, beam_idx: torch.Tensor):
+        cache.reorder_cache(beam_idx)
+        return cache
+
+    return step, reorder
+
+
+@pytest.mark.parametrize("num_beams", [2, 4, 8])
+def test_hf_generate_with_processor_returns_distinct_valid_identifiers(model, hf_identifiers, num_beams):
+    trie = TokenTrie.build(hf_identifiers, HF_VOCAB, HF_EOS)
+    assert num_beams <= len(hf_identifiers)
+    per_item, _ = hf_beam_search(model, trie, num_beams)
+    for rows in per_item:
+        assert all(row in hf_identifiers for row in rows)
+        assert len({tuple(row) for row in rows}) == num_beams
+
+
+@pytest.mark.parametrize("num_beams", [3, 6])
+def test_own_beam_search_matches_hf_generate(model, hf_identifiers, num_beams):
+    trie = TokenTrie.build(hf_identifiers, HF_VOCAB, HF_EOS)
+    hf_rows, hf_scores = hf_beam_search(model, trie, num_beams)
+    step, reorder = model_step_fn(model, num_beams)
+    out = constrained_beam_search(step, trie, len(PROMPTS), num_beams, reorder_fn=reorder)
+    assert out.sequences == hf_rows
+    torch.testing.assert_close(out.scores.flatten(), hf_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_hf_greedy_generate_matches_one_beam(model, hf_identifiers):
+    trie = TokenTrie.build(hf_identifiers, HF_VOCAB, HF_EOS)
+    processor = TrieLogitsProcessor(trie, PROMPTS.shape[1], HF_EOS, pad_token_id=HF_PAD)
+    with torch.no_grad():
+        out = model.generate(
+            PROMPTS,
+            attention_mask=torch.ones_like(PROMPTS),
+            do_sample=False,
+            num_beams=1,
+            logits_processor=LogitsProcessorList([processor]),
+            max_new_tokens=trie.max_length + 2,
+        )
+    rows = [row[: row.index(HF_EOS) + 1] for row in out[:, PROMPTS.shape[1] :].tolist()]
+    step, reorder = model_step_fn(model, 1)
+    own = constrained_beam_search(step, trie, len(PROMPTS), 1, reorder_fn=reorder)
+    assert [seqs[0] for seqs in own.sequences] == rows
+
+
+def test_own_beam_search_with_model_is_exhaustive(model, hf_identifiers):
+    trie = TokenTrie.build(hf_identifiers, HF_VOCAB, HF_EOS)
+    num_beams = len(hf_identifiers)
+    step, reorder = model_step_fn(model, num_beams)
+    out = constrained_beam_search(step, trie, len(PROMPTS), num_beams, reorder_fn=reorder)
+    # Score every identifier with teacher forcing and compare the rankings.
+    with torch.no_grad():
+        for item, prompt in enumerate(PROMPTS.tolist()):
+            exact = []
+            for identifier in hf_identifiers:
+                logits = model(input_ids=torch.tensor([prompt + identifier[:-1]])).logits[
+                    0, len(prompt) - 1 :
+                ]
+                exact.append(float(logits.log_softmax(-1).gather(1, torch.tensor(identifier)[:, None]).sum()))
+            order = sorted(range(len(exact)), key=lambda i: -exact[i])
+            assert out.identifiers[item].tolist() == order
+            assert all(
+                math.isclose(a, exact[i], abs_tol=1e-4) for a, i in zip(out.scores[item].tolist(), order)
+            )
+
+
+def test_hf_sampling_with_processor_stays_in_trie(model, hf_identifiers):
+    trie = TokenTrie.build(hf_identifiers, HF_VOCAB, HF_EOS)
+    processor = TrieLogitsProcessor(trie, PROMPTS.shape[1], HF_EOS, pad_token_id=HF_PAD, num_beams=3)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        out = model.generate(
+            PROMPTS,
+            attention_mask=torch.ones_like(PROMPTS),
+            do_sample=True,
+            num_return_sequences=3,
+            logits_processor=LogitsProcessorList([processor]),
+            max_new_tokens=trie.max_length + 2,
+        )
+    for row in out[:, PROMPTS.shape[1] :].tolist():
+        assert row[: row.index(HF_EOS) + 1] in hf_identifiers
+        assert set(row[row.index(HF_EOS) + 1 :]) <= {HF_PAD}
