@@ -128,7 +128,13 @@ class Registry(Generic[T]):
             raise RegistryError(self._unknown_message(name))
         if isinstance(entry.target, str):
             module, _, attr = entry.target.partition(":")
-            entry.target = getattr(importlib.import_module(module), attr)
+            try:
+                entry.target = getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError) as exc:
+                raise RegistryError(
+                    f"{self.kind.rstrip('s')} {name!r} ({entry.origin}) could not be loaded from {entry.target}: "
+                    f"{type(exc).__name__}: {exc}. Install its dependencies or reinstall the package."
+                ) from exc
             entry.description = entry.description or _first_doc_line(entry.target)
         return entry.target
 

@@ -20,7 +20,6 @@ from gcr.decoding import TokenTrie, TrieLogitsProcessor
 from gcr.errors import DecodingError
 from gcr.index import IdentifierIndex
 
-
 _FILLER_SCORE = -1e8  # HF starts spare beams at -1e9; no real identifier scores this low
 
 

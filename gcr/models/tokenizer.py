@@ -1,14 +1,18 @@
-"""A word-piece tokenizer trained on the corpus captions with HF ``tokenizers``.
+"""A word-level tokenizer built from the corpus captions with HF ``tokenizers``.
 
 Used by the ``tiny`` backbone and the dense baseline, so that both run the same
-code path as a pretrained HF tokenizer (``PreTrainedTokenizerFast``).
+code path as a pretrained HF tokenizer (``PreTrainedTokenizerFast``). The
+vocabulary is counted and ordered here (by frequency, then alphabetically)
+rather than by a ``tokenizers`` trainer: the trainers break frequency ties in
+hash order, so the same captions would get different ids from run to run.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 #: Special tokens in id order. EOS is not id 2 on purpose: HF CLIP's text pooling treats
@@ -16,16 +20,22 @@ from transformers import PreTrainedTokenizerFast
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>", "sep": "<ret>", "image": "<image>"}
 
 
-def train_corpus_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> PreTrainedTokenizerFast:
-    """Train a lower-cased WordPiece tokenizer on ``texts``; returns an HF fast tokenizer."""
-    tok = Tokenizer(models.WordPiece(unk_token=SPECIAL_TOKENS["unk"], max_input_chars_per_word=50))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()), show_progress=False
+def train_corpus_tokenizer(
+    texts: Iterable[str], vocab_size: int = 1000, min_frequency: int = 1
+) -> PreTrainedTokenizerFast:
+    """Lower-cased word-level tokenizer of the ``vocab_size`` most frequent words; the rest map to ``<unk>``."""
+    normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts = Counter(
+        word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    specials = list(SPECIAL_TOKENS.values())
+    words = sorted((w for w, n in counts.items() if n >= min_frequency and w not in specials), key=lambda w: (-counts[w], w))
+    vocab = {t: i for i, t in enumerate([*specials, *words[: max(0, vocab_size - len(specials))]])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk"]))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.WordPiece()  # joins words with spaces
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token=SPECIAL_TOKENS["pad"],

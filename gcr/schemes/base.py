@@ -9,6 +9,7 @@ declare them in :meth:`IdentifierScheme.new_tokens`.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -32,12 +33,19 @@ class IdentifierScheme(ABC):
     shares_identifiers: ClassVar[bool] = False
 
     def __init__(self, seed: int = 0, **options: Any):
+        self.seed = seed  # set first: the error below lists config(), which reads it
         if options:
             raise ConfigError(
-                f"unknown option(s) {sorted(options)} for scheme {self.name!r}; "
-                f"valid: {sorted(self.config())}"
+                f"unknown option(s) {sorted(options)} for scheme {self.name!r}; valid: {self._valid_options()}"
             )
-        self.seed = seed
+
+    def _valid_options(self) -> list[str]:
+        """Option names for error messages; a subclass may set its attributes after ``super().__init__``."""
+        try:
+            return sorted(self.config())
+        except AttributeError:
+            params = inspect.signature(type(self).__init__).parameters.values()
+            return sorted(p.name for p in params if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD)
 
     @abstractmethod
     def fit(self, targets: Sequence[Target], features: np.ndarray | None = None) -> list[str]:

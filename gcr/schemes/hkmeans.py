@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
+from threadpoolctl import threadpool_limits
 
 from gcr.data.corpus import Target
 from gcr.errors import ConfigError
@@ -63,7 +64,9 @@ class HierarchicalKMeansScheme(IdentifierScheme):
     def _cluster(self, x: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(self.k, len(x))
         algo = MiniBatchKMeans if len(x) > self.minibatch_above else KMeans
-        km = algo(n_clusters=k, random_state=self.seed + depth, n_init=3).fit(x)
+        # small fits are dominated by thread start-up: one thread is ~10x faster below a few thousand points
+        with threadpool_limits(1 if len(x) < 5000 else None):
+            km = algo(n_clusters=k, random_state=self.seed + depth, n_init=3).fit(x)
         labels = km.labels_
         if len(np.unique(labels)) == 1:
             # identical features cannot be split by distance; split evenly so recursion ends
