@@ -41,6 +41,7 @@ def test_fit_writes_versioned_results_for_both_directions(hkmeans_run):
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["gcr_results_version"] == 1
     assert saved["corpus"]["test_images"] == 10
+    assert 0.0 <= saved["corpus"]["test_caption_ambiguity"]["ambiguous_share"] <= 1.0
     rows = {(r["method"], r["direction"]) for r in saved["rows"]}
     assert rows == {("dense", "t2i"), ("dense", "i2t"), ("hkmeans", "t2i"), ("hkmeans", "i2t")}
     for row in saved["rows"]:
@@ -129,3 +130,15 @@ def test_default_job_hkmeans_is_far_above_chance(tmp_path):
         chance = 10 / results["corpus"]["test_images"] if row["direction"] == "t2i" else 50 / (
             5 * results["corpus"]["test_images"])
         assert row["metrics"]["R@10"] > 3 * chance, row
+
+
+def test_sweep_runs_every_scheme_and_writes_one_combined_table(tmp_path, capsys):
+    from gcr.cli import main
+
+    code = main(["fit", "-m", *_overrides(tmp_path, "scheme=atomic,hkmeans", "directions=[t2i]", "decoding.num_beams=3")])
+    assert code == 0
+    combined = json.loads((tmp_path / "runs" / "sweep" / "results.json").read_text())
+    assert sorted(r["method"] for r in combined["rows"]) == ["atomic", "dense", "hkmeans"]
+    table = (tmp_path / "runs" / "sweep" / "results.md").read_text()
+    assert "| atomic |" in table and "| hkmeans |" in table and "| dense |" in table
+    assert "sweep" in capsys.readouterr().out  # the combined table is printed too

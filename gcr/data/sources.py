@@ -12,10 +12,14 @@ def load_shapes(
 ) -> Corpus:
     """Generate the shapes corpus under ``root`` (once; reused after) and load it."""
     from gcr.data.karpathy import load_karpathy
-    from gcr.data.shapes import generate_shapes
+    from gcr.data.shapes import caption_ambiguity, generate_shapes
 
     json_path = generate_shapes(Path(root), num_images, seed=seed, image_size=image_size)
-    return load_karpathy(json_path, json_path.parent, name="shapes", check_images=check_images)
+    corpus = load_karpathy(json_path, json_path.parent, name="shapes", check_images=check_images)
+    ambiguity = caption_ambiguity(json_path, split="test")
+    # recorded in every results JSON: how often a test caption fits more than one test image
+    corpus.meta["test_caption_ambiguity"] = {k: ambiguity[k] for k in ("ambiguous_share", "mean_matches")}
+    return corpus
 
 
 def load_karpathy_source(

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,10 @@ from gcr.train.dense import DenseModule, evaluate_dense, pair_loader
 from gcr.train.module import GenerativeRetrievalModule
 
 log = logging.getLogger("gcr")
+# Noise that says nothing about a gcr run: a Lightning-internal deprecation, and a note that our
+# module's batch transfer (evaluation batches are query lists) is used, which is the intent.
+warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device`.*")
 
 
 # -- shared pieces ------------------------------------------------------------------------------
