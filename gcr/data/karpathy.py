@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from gcr.data.corpus import SPLITS, Caption, Corpus, ImageRecord
 from gcr.errors import ConfigError, DataError
+from gcr.progress import progress
 
 CHECK_MODES: tuple[str, ...] = ("none", "exists", "open", "full")
 PROGRESS_THRESHOLD = 2000
@@ -330,19 +331,5 @@ def _map_with_progress(fn: Callable[[T], R], items: Sequence[T], description: st
             for start in range(0, len(items), 4096):
                 yield from pool.map(fn, items[start : start + 4096])
 
-        return list(progress(results(), len(items), description))
+        return list(progress(results(), description, total=len(items)))
 
-
-def progress(it: Iterable[T], total: int, description: str) -> Iterator[T]:
-    """Iterate ``it`` behind a transient progress bar (rich, else tqdm, else none)."""
-    try:
-        from rich.progress import track
-    except ImportError:  # pragma: no cover - rich is a dependency
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            yield from it
-            return
-        yield from tqdm(it, total=total, desc=description)
-        return
-    yield from track(it, total=total, description=description, transient=True)

@@ -225,11 +225,12 @@ ChunkResult = list[tuple[int, Scene, list[tuple[str, Claims]]]]
 
 
 def _run_chunks(chunks: list[tuple], workers: int, n_images: int) -> Iterator[ChunkResult]:
-    from gcr.data.karpathy import PROGRESS_THRESHOLD, progress
+    from gcr.data.karpathy import PROGRESS_THRESHOLD
+    from gcr.progress import progress
 
     def shown(it: Iterator[ChunkResult]) -> Iterator[ChunkResult]:
         if n_images > PROGRESS_THRESHOLD:
-            return progress(it, len(chunks), f"generating {n_images} shape images")
+            return progress(it, f"generating {n_images} shape images", total=len(chunks))
         return it
 
     if workers == 1 or len(chunks) == 1:
