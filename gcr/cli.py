@@ -129,6 +129,9 @@ def cmd_eval(args) -> int:
     from gcr.results import print_table, save_results
     from gcr.train.pipeline import evaluate
 
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"gcr eval takes key=value arguments, got {bad}; e.g. gcr eval ckpt=runs/NAME")
     values = dict(o.split("=", 1) for o in args.overrides)
     path = values.pop("ckpt", None) or values.pop("run", None)
     if path is None:

@@ -84,7 +84,11 @@ class Content:
 
 @dataclass(frozen=True)
 class Target:
-    """A retrievable item; ``text`` is its description when one is known (captions of an image)."""
+    """A retrievable item; ``text`` is its ground-truth description (an image's captions).
+
+    For a test image ``text`` contains its test queries: a scheme must never build identifiers
+    from it for test targets (the leakage rule); use a held-out or generated description instead.
+    """
 
     target_id: str
     split: str

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from gcr.data.corpus import Content
-from gcr.errors import ConfigError
+from gcr.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
 BACKBONE_FILE = "backbone.json"
@@ -66,7 +66,7 @@ class GenerativeBackbone(nn.Module):
             body = [tok.convert_tokens_to_ids(tok.image_token)] * self.num_image_tokens
         elif content.modality == "text":
             if not content.value.strip():
-                raise ConfigError("empty text query: every caption must contain words")
+                raise DataError("empty text input: every caption and query must contain words; fix or drop it")
             body = tok(content.value, add_special_tokens=False)["input_ids"][: self.max_text_tokens]
         else:
             raise ConfigError(f"unknown content modality {content.modality!r}")
