@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from gcr.artifacts import load_tensors, save_tensors
-from gcr.data.corpus import Target
-from gcr.errors import ArtifactError
+from gcr.data.corpus import Content, Target
+from gcr.errors import ArtifactError, ConfigError
 from gcr.progress import progress
 
 FORMAT_VERSION = 1
@@ -32,19 +32,17 @@ class FeatureEncoder(Protocol):
 
 
 @torch.no_grad()
-def encode_targets(encoder: FeatureEncoder, targets: Sequence[Target], batch_size: int = 256) -> np.ndarray:
-    """One feature row per target, from the tower that matches the target's modality."""
+def encode_contents(encoder: FeatureEncoder, contents: Sequence[Content], batch_size: int = 256) -> np.ndarray:
+    """One feature row per text or image, from the matching tower (all of one modality)."""
+    modalities = {c.modality for c in contents}
+    if len(modalities) != 1:
+        raise ConfigError(f"encode one modality at a time, got {sorted(modalities)}")
+    encode = encoder.encode_images if modalities == {"image"} else encoder.encode_text
     if isinstance(encoder, torch.nn.Module):
         encoder.eval()
     rows = []
-    for start in progress(range(0, len(targets), batch_size), "encoding targets", total=-(-len(targets) // batch_size)):
-        chunk = targets[start : start + batch_size]
-        modality = chunk[0].content.modality
-        values = [t.content.value for t in chunk]
-        if any(t.content.modality != modality for t in chunk):
-            raise ArtifactError("targets of one index must share one modality")
-        emb = encoder.encode_images(values) if modality == "image" else encoder.encode_text(values)
-        rows.append(emb.float().cpu())
+    for start in progress(range(0, len(contents), batch_size), "encoding", total=-(-len(contents) // batch_size)):
+        rows.append(encode([c.value for c in contents[start : start + batch_size]]).float().cpu())
     return torch.cat(rows).numpy()
 
 
@@ -68,6 +66,6 @@ def cached_target_features(
                 f"feature cache {path} does not match these targets (stale or foreign); delete it to recompute"
             )
         return saved["features"].numpy()
-    features = encode_targets(encoder, targets, batch_size)
+    features = encode_contents(encoder, [t.content for t in targets], batch_size)
     save_tensors(path, {"format_version": FORMAT_VERSION, "ids": ids, "features": torch.from_numpy(features)})
     return features

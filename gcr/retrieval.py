@@ -82,11 +82,12 @@ class ConstrainedRetriever:
             num_beams=self.num_beams,
             max_new_tokens=self.max_new_tokens,
         )
-        ranked = self._to_targets(tokens.view(len(contents), self.num_beams, -1), scores.view(len(contents), -1))
-        ranked.seconds = time.perf_counter() - start
-        return ranked
+        targets, target_scores = self._to_targets(
+            tokens.view(len(contents), self.num_beams, -1), scores.view(len(contents), -1)
+        )
+        return Retrieved(targets, target_scores, time.perf_counter() - start)
 
-    def _to_targets(self, tokens: torch.Tensor, scores: torch.Tensor) -> Retrieved:
+    def _to_targets(self, tokens: torch.Tensor, scores: torch.Tensor) -> tuple[list[list[str]], list[list[float]]]:
         out_targets, out_scores = [], []
         for beams, beam_scores in zip(tokens.tolist(), scores.tolist()):
             targets, target_scores = [], []
@@ -106,4 +107,4 @@ class ConstrainedRetriever:
                         target_scores.append(score)
             out_targets.append(targets)
             out_scores.append(target_scores)
-        return Retrieved(out_targets, out_scores, 0.0)
+        return out_targets, out_scores

@@ -45,7 +45,6 @@ class TinyBackbone(GenerativeBackbone):
     name = "tiny"
 
     def __init__(self, model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, **options: Any):
-        self._options = dict(options)
         image_size = model.config.vision_config.image_size
         patch = model.config.vision_config.patch_size
         super().__init__(

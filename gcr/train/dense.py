@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from gcr.data.corpus import Corpus, RetrievalTask
-from gcr.features import encode_targets
+from gcr.features import encode_contents
 from gcr.models.dense import DualEncoder
 from gcr.train.metrics import RetrievalScorer
 
@@ -57,14 +57,14 @@ def evaluate_dense(
     """Exact search of ``split``'s queries among ``split``'s targets; Recall@K, MRR@10, queries/s."""
     encoder.eval()
     targets, queries = task.targets_of(split), task.queries_of(split)
-    target_emb = torch.from_numpy(encode_targets(encoder, targets, batch_size))
+    target_emb = torch.from_numpy(encode_contents(encoder, [t.content for t in targets], batch_size))
     scorer = RetrievalScorer(ks)
     k = min(max(max(ks), 10), len(targets))
     seconds = 0.0
     for start in range(0, len(queries), batch_size):
         chunk = queries[start : start + batch_size]
         t0 = time.perf_counter()
-        query_emb = torch.from_numpy(encode_targets(encoder, _as_targets(chunk), batch_size))
+        query_emb = torch.from_numpy(encode_contents(encoder, [q.content for q in chunk], batch_size))
         top = (query_emb @ target_emb.T).topk(k, dim=1).indices
         seconds += time.perf_counter() - t0
         scorer.update([[targets[j].target_id for j in row] for row in top.tolist()], [q.relevant for q in chunk])
@@ -72,8 +72,3 @@ def evaluate_dense(
     metrics["queries_per_s"] = len(queries) / seconds if seconds else float("nan")
     return metrics
 
-
-def _as_targets(queries):
-    from gcr.data.corpus import Target
-
-    return [Target(q.query_id, q.split, q.content, "") for q in queries]
