@@ -4,23 +4,30 @@ Built from a scheme's assignments, it checks uniqueness (unless the scheme
 declares shared identifiers), tokenizes every identifier (plus EOS) and checks
 that distinct identifiers stay distinct as token sequences. It is saved as one
 JSON artifact with a format version, the scheme's name and config, the corpus
-fingerprint and the tokenizer's fingerprint, and validated on load.
+fingerprint and the tokenizer's fingerprint, and validated on load. The prefix
+trie of the token ids is saved next to it (``trie.pt``), keyed by a digest of
+the token ids, so a large index does not rebuild it on every load.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gcr.artifacts import check_header, read_json, write_json
-from gcr.errors import IdentifierError
+import numpy as np
+
+from gcr.artifacts import check_header, load_tensors, read_json, save_tensors, write_json
+from gcr.errors import ArtifactError, IdentifierError
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
+TRIE_FILE = "trie.pt"
+log = logging.getLogger(__name__)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -42,9 +49,12 @@ class IdentifierIndex:
     scheme_state: dict[str, Any] = field(default_factory=dict)
     token_ids: list[list[int]] | None = None
     tokenizer_fingerprint: str | None = None
+    vocab_size: int | None = None  # of the tokenizer the token ids come from
+    eos_token_id: int | None = None
 
     def __post_init__(self) -> None:
         self._by_target = {t: i for i, ts in enumerate(self.targets) for t in ts}
+        self._trie: Any = None
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -114,7 +124,32 @@ class IdentifierIndex:
                 )
         self.token_ids = token_ids
         self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
+        self.vocab_size = len(tokenizer)
+        self.eos_token_id = tokenizer.eos_token_id
+        self._trie = None
         return self
+
+    def trie(self, positions: Sequence[int] | None = None):
+        """The prefix trie of the token ids (built once and cached), or of the identifiers at ``positions``.
+
+        Trie identifier ``i`` is index identifier ``i``, or ``positions[i]`` for a subset.
+        """
+        from gcr.decoding import TokenTrie
+
+        if self.token_ids is None or self.vocab_size is None or self.eos_token_id is None:
+            raise IdentifierError("the index is not tokenized; call index.tokenize(tokenizer) first")
+        if positions is not None and len(positions) < len(self.token_ids):
+            return TokenTrie.build([self.token_ids[p] for p in positions], self.vocab_size, self.eos_token_id)
+        if self._trie is None:
+            self._trie = TokenTrie.build(self.token_ids, self.vocab_size, self.eos_token_id)
+        return self._trie
+
+    def token_ids_digest(self) -> str:
+        """A hash of every identifier's token ids, in order (what a saved trie must match)."""
+        assert self.token_ids is not None
+        lengths = np.fromiter(map(len, self.token_ids), dtype=np.int64, count=len(self.token_ids))
+        flat = np.fromiter((t for ids in self.token_ids for t in ids), dtype=np.int64, count=int(lengths.sum()))
+        return hashlib.sha256(lengths.tobytes() + flat.tobytes()).hexdigest()[:16]
 
     # -- lookup -------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -146,7 +181,12 @@ class IdentifierIndex:
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write ``index.json`` atomically into ``directory``."""
+        """Write ``index.json`` (and ``trie.pt`` once tokenized) atomically into ``directory``."""
+        if self.token_ids is not None and self.vocab_size is not None:
+            save_tensors(
+                Path(directory) / TRIE_FILE,
+                {"token_ids_digest": self.token_ids_digest(), "trie": self.trie().state_dict()},
+            )
         return write_json(
             Path(directory) / INDEX_FILE,
             {
@@ -161,6 +201,8 @@ class IdentifierIndex:
                 "identifiers": self.identifiers,
                 "targets": self.targets,
                 "token_ids": self.token_ids,
+                "vocab_size": self.vocab_size,
+                "eos_token_id": self.eos_token_id,
             },
         )
 
@@ -185,7 +227,7 @@ class IdentifierIndex:
             corpus_fingerprint=corpus_fingerprint,
             direction=direction,
         )
-        return cls(
+        index = cls(
             scheme=meta["scheme"],
             scheme_config=meta["scheme_config"],
             direction=meta["direction"],
@@ -195,7 +237,26 @@ class IdentifierIndex:
             scheme_state=meta.get("scheme_state", {}),
             token_ids=meta.get("token_ids"),
             tokenizer_fingerprint=meta.get("tokenizer_fingerprint"),
+            vocab_size=meta.get("vocab_size"),
+            eos_token_id=meta.get("eos_token_id"),
         )
+        index._load_trie(Path(directory) / TRIE_FILE)
+        return index
+
+    def _load_trie(self, path: Path) -> None:
+        """Use the saved trie if it matches the token ids; otherwise it is rebuilt when first needed."""
+        if not path.exists() or self.token_ids is None:
+            return
+        from gcr.decoding import TokenTrie
+
+        saved = load_tensors(path, what="identifier trie")
+        if saved.get("token_ids_digest") != self.token_ids_digest():
+            log.warning("%s does not match %s (stale); the trie will be rebuilt", path, INDEX_FILE)
+            return
+        try:
+            self._trie = TokenTrie.from_state_dict(saved["trie"])
+        except (ArtifactError, KeyError) as exc:
+            log.warning("%s is unusable (%s); the trie will be rebuilt", path, exc)
 
     def check_tokenizer(self, tokenizer: Any) -> None:
         """Raise if ``tokenizer`` is not the one the token ids were computed with."""

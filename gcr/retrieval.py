@@ -16,7 +16,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from gcr.data.corpus import Content
-from gcr.decoding import TokenTrie, TrieLogitsProcessor
+from gcr.decoding import TrieLogitsProcessor
 from gcr.errors import DecodingError
 from gcr.index import IdentifierIndex
 
@@ -46,16 +46,21 @@ class ConstrainedRetriever:
         if index.token_ids is None:
             raise DecodingError("the index has no token ids; call index.tokenize(tokenizer) first")
         index.check_tokenizer(backbone.tokenizer)
+        if index.vocab_size is None:  # saved by gcr 0.1, before the index recorded them
+            index.vocab_size, index.eos_token_id = len(backbone.tokenizer), backbone.tokenizer.eos_token_id
         self.backbone = backbone
         self.index = index
         self.positions = index.subset(target_ids) if target_ids is not None else list(range(len(index)))
-        sequences = [index.token_ids[p] for p in self.positions]
         self.eos = backbone.tokenizer.eos_token_id
-        self.trie = TokenTrie.build(sequences, vocab_size=len(backbone.tokenizer), eos_token_id=self.eos)
-        self._position_of = {tuple(s): p for s, p in zip(sequences, self.positions)}
-        self.max_new_tokens = max(len(s) for s in sequences)
+        self.trie = index.trie(self.positions)
+        if self.trie.vocab_size > len(backbone.tokenizer):
+            raise DecodingError(
+                f"the index's vocabulary ({self.trie.vocab_size}) is larger than the model's "
+                f"({len(backbone.tokenizer)}); re-tokenize the index with this model's tokenizer"
+            )
+        self.max_new_tokens = self.trie.max_length
         # beam search cannot return more distinct identifiers than exist
-        self.num_beams = max(1, min(num_beams, len(sequences)))
+        self.num_beams = max(1, min(num_beams, len(self.positions)))
 
     def to(self, device: torch.device | str) -> ConstrainedRetriever:
         self.trie = self.trie.to(device)
@@ -82,26 +87,32 @@ class ConstrainedRetriever:
             num_beams=self.num_beams,
             max_new_tokens=self.max_new_tokens,
         )
-        targets, target_scores = self._to_targets(
-            tokens.view(len(contents), self.num_beams, -1), scores.view(len(contents), -1)
-        )
+        processor.check()
+        identifiers = self._identifiers_of(tokens).view(len(contents), self.num_beams)
+        targets, target_scores = self._to_targets(identifiers, scores.view(len(contents), -1))
         return Retrieved(targets, target_scores, time.perf_counter() - start)
 
-    def _to_targets(self, tokens: torch.Tensor, scores: torch.Tensor) -> tuple[list[list[str]], list[list[float]]]:
+    def _identifiers_of(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Trie identifier of each generated row (tokens after the first EOS are padding), -1 if none."""
+        is_eos = tokens == self.eos
+        after_eos = (torch.cumsum(is_eos, 1) - is_eos.long()) > 0
+        return self.trie.identifier_of(self.trie.walk(tokens.masked_fill(after_eos, -1), pad=-1))
+
+    def _to_targets(
+        self, identifiers: torch.Tensor, scores: torch.Tensor
+    ) -> tuple[list[list[str]], list[list[float]]]:
         out_targets, out_scores = [], []
-        for beams, beam_scores in zip(tokens.tolist(), scores.tolist()):
+        for beam_ids, beam_scores in zip(identifiers.tolist(), scores.tolist()):
             targets, target_scores = [], []
-            for seq, score in zip(beams, beam_scores):
+            for ident, score in zip(beam_ids, beam_scores):
                 if score < _FILLER_SCORE:
                     continue  # fewer reachable identifiers than beams: HF fills with dead beams (~ -1e9)
-                ident = tuple(seq[: seq.index(self.eos) + 1]) if self.eos in seq else tuple(seq)
-                position = self._position_of.get(ident)
-                if position is None:
+                if ident < 0:
                     raise DecodingError(
-                        f"constrained decoding produced {list(ident)}, which is not an identifier in the "
-                        "searched set; this is a bug in the trie constraint, please report it"
+                        "constrained decoding produced a sequence that is not an identifier in the searched "
+                        "set; this is a bug in the trie constraint, please report it"
                     )
-                for t in self.index.targets[position]:
+                for t in self.index.targets[self.positions[ident]]:
                     if t not in targets:
                         targets.append(t)
                         target_scores.append(score)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 
 from gcr.decoding import TokenTrie, TrieLogitsProcessor, constrained_beam_search
+from gcr.decoding.trie import DEAD, finished_state
 from gcr.errors import ArtifactError, DecodingError, IdentifierError
 
 EOS = 0
@@ -68,45 +69,91 @@ def padded(rows: list[list[int]], pad: int = -1) -> torch.Tensor:
 # ---------------------------------------------------------------------------- trie
 
 
-@FAST
-@given(identifier_sets(), st.randoms(use_true_random=False))
-def test_trie_agrees_with_naive_dict_trie(identifiers, rng):
-    trie = TokenTrie.build(identifiers, VOCAB, EOS)
+def assert_matches_naive_trie(trie: TokenTrie, identifiers: list[list[int]], rng: random.Random) -> None:
     root = naive_trie(identifiers)
     queries = prefixes_and_strays(identifiers, rng)
-    nodes = trie.walk(padded(queries))
-    allowed = trie.allowed_mask(nodes)
+    states = trie.walk(padded(queries))
+    allowed = trie.allowed_mask(states)
     tokens = torch.tensor([rng.randrange(VOCAB) for _ in queries])
-    advanced = trie.advance(nodes, tokens)
+    advanced = trie.advance(states, tokens)
     expected_advanced = trie.walk(padded([q + [int(t)] for q, t in zip(queries, tokens)]))
     for i, query in enumerate(queries):
         reference = naive_node(root, query)
-        assert (int(nodes[i]) >= 0) == (reference is not None), query
+        assert (int(states[i]) != DEAD) == (reference is not None), query
+        assert bool(trie.is_finished(states[i])) == (reference is not None and "id" in reference), query
         children = set() if reference is None else {k for k in reference if k != "id"}
         assert set(torch.nonzero(allowed[i]).flatten().tolist()) == children, query
-        assert int(trie.identifier_of(nodes[i : i + 1])) == (reference or {}).get("id", -1)
+        assert int(trie.identifier_of(states[i : i + 1])) == (reference or {}).get("id", -1)
         assert int(advanced[i]) == int(expected_advanced[i])
     assert trie.num_identifiers == len(identifiers)
     assert trie.sequences() == identifiers
     assert trie.max_length == max(map(len, identifiers))
-    assert torch.equal(
-        trie.child_token[trie.indptr[0] : trie.indptr[1]].sort().values,
-        trie.child_token[trie.indptr[0] : trie.indptr[1]],
-    )
+    # every node's edge slots are sorted by token (advance() binary-searches them)
+    packed = trie.state_dict()
+    for start, end in zip(packed["indptr"][:-1].tolist(), packed["indptr"][1:].tolist()):
+        window = packed["child_token"][start:end]
+        assert torch.equal(window.sort().values, window)
 
 
-def test_trie_csr_layout_and_prefix_before_eos():
+@FAST
+@given(identifier_sets(), st.randoms(use_true_random=False))
+def test_trie_agrees_with_naive_dict_trie(identifiers, rng):
+    assert_matches_naive_trie(TokenTrie.build(identifiers, VOCAB, EOS), identifiers, rng)
+
+
+@FAST
+@given(identifier_sets(), st.randoms(use_true_random=False), st.integers(1, 4))
+def test_inserting_in_chunks_equals_building_at_once(identifiers, rng, chunks):
+    size = -(-len(identifiers) // chunks)
+    trie = TokenTrie.build(identifiers[:size], VOCAB, EOS)
+    states_before = trie.walk(padded(identifiers[:size]))
+    for start in range(size, len(identifiers), size):
+        assert trie.insert(identifiers[start : start + size]) == range(start, min(start + size, len(identifiers)))
+    assert_matches_naive_trie(trie, identifiers, rng)
+    assert torch.equal(trie.walk(padded(identifiers[:size])), states_before)  # old states stay valid
+    assert_matches_naive_trie(trie.compact(), identifiers, rng)
+
+
+def test_trie_layout_and_prefix_before_eos():
     trie = TokenTrie.build([[5, 7, 2], [5, 7, 9, 2], [3, 2], [2]], vocab_size=10, eos_token_id=2)
-    assert trie.num_nodes == 9 and trie.child_node.tolist() == list(range(1, 9))
-    assert trie.indptr[:2].tolist() == [0, 3] and trie.child_token[:3].tolist() == [2, 3, 5]
+    # inner nodes: root, [3], [5], [5 7], [5 7 9]; the four EOS edges are the identifiers
+    assert trie.num_nodes == 5 and trie.num_edges == 8
+    packed = trie.state_dict()
+    assert packed["indptr"].tolist() == [0, 3, 4, 5, 7, 8]
+    assert packed["child_token"].tolist() == [2, 3, 5, 2, 7, 2, 9, 2]
+    assert packed["child_node"].tolist() == [-5, 1, 2, -4, 3, -2, 4, -3]
     node_57 = trie.walk(torch.tensor([[5, 7]]))
+    assert int(node_57) == 3
     assert torch.nonzero(trie.allowed_mask(node_57)[0]).flatten().tolist() == [2, 9]
-    leaves = trie.walk(torch.tensor([[5, 7, 2, -1], [5, 7, 9, 2], [3, 2, -1, -1], [2, -1, -1, -1]]))
-    assert trie.identifier_of(leaves).tolist() == [0, 1, 2, 3]
-    assert trie.is_leaf(leaves).all() and not trie.is_leaf(node_57).any()
-    assert trie.advance(torch.tensor([-1, 0, 0]), torch.tensor([5, 4, 12])).tolist() == [-1, -1, -1]
-    assert not trie.allowed_mask(torch.tensor([-1])).any()
+    finished = trie.walk(torch.tensor([[5, 7, 2, -1], [5, 7, 9, 2], [3, 2, -1, -1], [2, -1, -1, -1]]))
+    assert finished.tolist() == [finished_state(i) for i in range(4)]
+    assert trie.identifier_of(finished).tolist() == [0, 1, 2, 3]
+    assert trie.is_finished(finished).all() and not trie.is_finished(node_57).any()
+    assert trie.advance(torch.tensor([DEAD, 0, 0, -2]), torch.tensor([5, 4, 12, 2])).tolist() == [DEAD] * 4
+    assert not trie.allowed_mask(torch.tensor([DEAD, -2])).any()
     assert trie.tokens_of(torch.tensor([3, 1])).tolist() == [[2, -1, -1, -1], [5, 7, 9, 2]]
+
+
+def test_wide_nodes_get_dense_rows_and_agree_with_the_window():
+    rng = random.Random(0)
+    vocab = 300
+    identifiers = list(dict.fromkeys((rng.randrange(3, vocab), rng.randrange(3, vocab), 2) for _ in range(3000)))
+    trie = TokenTrie.build([list(i) for i in identifiers], vocab, 2)
+    assert trie._dense_nodes.numel() >= 1 and trie._sparse_width < 3 + max(
+        sum(1 for i in identifiers if i[0] == first) for first in {i[0] for i in identifiers}
+    )
+    root = naive_trie([list(i) for i in identifiers])
+    firsts = sorted({i[0] for i in identifiers})
+    states = trie.walk(torch.tensor([[]] * 1, dtype=torch.long).view(1, 0))
+    assert set(torch.nonzero(trie.allowed_mask(states)[0]).flatten().tolist()) == set(firsts)
+    states = trie.walk(torch.tensor([[f] for f in firsts]))
+    allowed = trie.allowed_mask(states)
+    for row, first in zip(allowed, firsts):
+        assert set(torch.nonzero(row).flatten().tolist()) == set(root[first])
+    # insert grows a dense row and a sparse node alike
+    new = [[firsts[0], 1, 2], [vocab - 1, vocab - 1, 2]] if (vocab - 1, vocab - 1, 2) not in identifiers else []
+    trie.insert(new)
+    assert int(trie.identifier_of(trie.walk(torch.tensor(new)))[0]) == len(identifiers)
 
 
 @pytest.mark.parametrize(
@@ -129,25 +176,35 @@ def test_build_rejects_invalid_identifier_sets(identifiers, message):
 def test_state_dict_round_trip_with_weights_only_load():
     identifiers = [[1, 2, 0], [1, 0], [3, 4, 5, 0]]
     trie = TokenTrie.build(identifiers, VOCAB, EOS)
+    trie.insert([[3, 4, 0]])  # slack from insert() is packed away on save
     buffer = io.BytesIO()
     torch.save(trie.state_dict(), buffer)
     buffer.seek(0)
     loaded = TokenTrie.from_state_dict(torch.load(buffer, weights_only=True))
-    assert loaded.sequences() == identifiers
-    for key in ("indptr", "child_token", "child_node", "leaf_of_node"):
-        assert torch.equal(getattr(loaded, key), getattr(trie, key))
+    assert loaded.sequences() == [*identifiers, [3, 4, 0]]
+    assert loaded.nbytes() < trie.nbytes()
+    for key in ("indptr", "child_token", "child_node"):
+        assert torch.equal(loaded.state_dict()[key], trie.state_dict()[key])
     assert (loaded.vocab_size, loaded.eos_token_id, loaded.max_length) == (VOCAB, EOS, 4)
-    assert trie.to("cpu").sequences() == identifiers
-    with pytest.raises(ArtifactError):
-        TokenTrie.from_state_dict({**trie.state_dict(), "format": "something else"})
+    assert trie.to("cpu").sequences() == loaded.sequences()
+    with pytest.raises(ArtifactError, match="not a saved TokenTrie"):
+        TokenTrie.from_state_dict({**trie.state_dict(), "format": "gcr.TokenTrie/1"})
+    with pytest.raises(ArtifactError, match="corrupt"):
+        TokenTrie.from_state_dict({**trie.state_dict(), "num_identifiers": 7})
 
 
-def test_insert_rebuilds_and_keeps_indices():
+def test_insert_keeps_indices_and_rejects_duplicates_without_changing_the_trie():
     trie = TokenTrie.build([[1, 2, 0], [3, 0]], VOCAB, EOS)
     assert trie.insert([[1, 0], [1, 2, 4, 0]]) == range(2, 4)
     assert trie.sequences() == [[1, 2, 0], [3, 0], [1, 0], [1, 2, 4, 0]] and trie.version == 1
-    with pytest.raises(IdentifierError, match=r"indices \[1, 4\]"):
-        trie.insert([[3, 0]])
+    with pytest.raises(IdentifierError, match=r"new sequence 1 \[3, 0\] is already identifier 1"):
+        trie.insert([[5, 0], [3, 0]])
+    with pytest.raises(IdentifierError, match=r"new indices \[0, 2\]"):
+        trie.insert([[5, 0], [4, 0], [5, 0]])
+    with pytest.raises(IdentifierError, match="does not end with EOS"):
+        trie.insert([[5, 5]])
+    assert trie.sequences() == [[1, 2, 0], [3, 0], [1, 0], [1, 2, 4, 0]] and trie.version == 1
+    assert trie.insert([]) == range(4, 4)
 
 
 def test_build_scales_to_100k_identifiers():
@@ -258,17 +315,30 @@ def test_processor_tracks_reordered_beams(identifiers, rng, num_beams, batch):
         rows = new_rows
 
 
-def test_processor_raises_decoding_error_when_stuck():
+def test_processor_ends_off_trie_rows_and_check_raises():
     trie = TokenTrie.build([[1, 2, 0], [3, 0]], VOCAB, EOS)
     processor = TrieLogitsProcessor(trie, prompt_length=1, eos_token_id=EOS)
-    with pytest.raises(DecodingError, match="not a prefix of any identifier"):
-        processor(torch.tensor([[9, 1, 2], [9, 1, 4]]), torch.zeros(2, VOCAB))
-    scores = torch.zeros(1, VOCAB)
-    scores[0, 2] = float("-inf")  # as if another processor had forbidden the only continuation
-    with pytest.raises(DecodingError, match="score -inf"):
-        processor(torch.tensor([[9, 1]]), scores)
+    masked = processor(torch.tensor([[9, 1, 2], [9, 1, 4]]), torch.zeros(2, VOCAB))
+    assert torch.nonzero(masked[0].isfinite()).flatten().tolist() == [EOS] and masked[0, EOS] == 0
+    assert torch.nonzero(masked[1].isfinite()).flatten().tolist() == [EOS] and masked[1, EOS] == -1e9
+    with pytest.raises(DecodingError, match="left the identifier trie in 1 row-step"):
+        processor.check()
+    processor.reset()
+    processor.check()  # a fresh start has nothing to report
     finished = processor(torch.tensor([[9, 3, 0, 0]]), torch.zeros(1, VOCAB))
     assert torch.nonzero(finished[0].isfinite()).flatten().tolist() == [EOS]
+
+
+def test_processor_masks_a_copy_when_not_in_place():
+    trie = TokenTrie.build([[1, 2, 0], [3, 0]], VOCAB, EOS)
+    scores = torch.zeros(1, VOCAB + 3)  # model vocabulary padded past the trie's
+    copy = TrieLogitsProcessor(trie, prompt_length=0, eos_token_id=EOS, inplace=False)(
+        torch.zeros(1, 0, dtype=torch.long), scores
+    )
+    assert scores.isfinite().all()
+    assert torch.nonzero(copy[0].isfinite()).flatten().tolist() == [1, 3]
+    TrieLogitsProcessor(trie, prompt_length=0, eos_token_id=EOS)(torch.zeros(1, 0, dtype=torch.long), scores)
+    assert torch.nonzero(scores[0].isfinite()).flatten().tolist() == [1, 3]
 
 
 # ---------------------------------------------------------------------------- with a tiny HF model

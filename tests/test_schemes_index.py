@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 from gcr.artifacts import atomic_write, read_json, write_json
 from gcr.data.corpus import Content, Target
 from gcr.errors import ArtifactError, ConfigError, IdentifierError
-from gcr.index import INDEX_FILE, IdentifierIndex, tokenizer_fingerprint
+from gcr.index import INDEX_FILE, TRIE_FILE, IdentifierIndex, tokenizer_fingerprint
 from gcr.models.tokenizer import train_corpus_tokenizer
 from gcr.schemes import IdentifierScheme
 from gcr.schemes.atomic import AtomicScheme
@@ -370,7 +370,21 @@ def test_save_load_round_trip_restores_index_and_scheme_state(tmp_path):
     restored.load_state_dict(loaded.scheme_state)
     new_x = np.random.default_rng(4).normal(size=(5, 6)).astype(np.float32)
     assert restored.assign(_targets(5, "n"), new_x) == scheme.assign(_targets(5, "n"), new_x)
-    assert [f.name for f in tmp_path.iterdir()] == [INDEX_FILE]  # no temp files left behind
+    assert sorted(f.name for f in tmp_path.iterdir()) == [INDEX_FILE, TRIE_FILE]  # no temp files left behind
+    assert loaded._trie is not None  # read from trie.pt, not rebuilt
+    assert loaded.trie().sequences() == index.token_ids
+    subset = loaded.trie([3, 7])
+    assert subset.sequences() == [index.token_ids[3], index.token_ids[7]]
+
+
+def test_stale_saved_trie_is_rebuilt_not_trusted(tmp_path, caplog):
+    _, index, _ = _saved_index(tmp_path, tokenize=True)
+    index.token_ids[0], index.token_ids[1] = index.token_ids[1], index.token_ids[0]
+    index._trie = None
+    write_json(tmp_path / INDEX_FILE, {**read_json(tmp_path / INDEX_FILE), "token_ids": index.token_ids})
+    loaded = IdentifierIndex.load(tmp_path)
+    assert "stale" in caplog.text and loaded._trie is None
+    assert loaded.trie().sequences() == index.token_ids
 
 
 @pytest.mark.parametrize(

@@ -76,11 +76,14 @@ def constrained_beam_search(
     batch_offset = torch.arange(B, device=device)[:, None] * K
 
     tokens = torch.empty(B * K, 0, dtype=torch.long, device=device)
-    nodes = torch.zeros(B, K, dtype=torch.long, device=device)
+    states = torch.zeros(B, K, dtype=torch.long, device=device)
     running = torch.full((B, K), neg_inf, device=device)
     running[:, 0] = 0.0  # the other beams start dead so the first step does not pick duplicates
     best_scores = torch.full((B, K), neg_inf, device=device)
     best_ids = torch.full((B, K), -1, dtype=torch.long, device=device)
+    best_tokens = torch.full((B, K, max_length), -1, dtype=torch.long, device=device)
+    mask_buffer = torch.empty(B * K, V + 1, dtype=torch.bool, device=device)
+    all_done = _LaggedFlag(device)
 
     for t in range(max_length):
         log_probs, state = step_fn(tokens, state)
@@ -88,43 +91,68 @@ def constrained_beam_search(
             raise ValueError(
                 f"step_fn returned log-probs of shape {tuple(log_probs.shape)}, expected ({B * K}, >= {V})"
             )
-        log_probs = log_probs[:, :V].float().view(B, K, V)
-        allowed = trie.allowed_mask(nodes.view(-1)).view(B, K, V)
-        candidates = torch.where(allowed, running[..., None] + log_probs, neg_inf)
+        candidates = running.view(-1, 1) + log_probs[:, :V].float()
+        candidates.masked_fill_(trie.forbidden_mask(states.view(-1), out=mask_buffer), neg_inf)
+        candidates = candidates.view(B, K, V)
 
         # Finished: EOS candidates among this step's K best candidates.
         top_scores, top_index = candidates.view(B, K * V).topk(K, dim=1)
-        top_token = top_index % V
+        top_parent, top_token = top_index // V, top_index % V
         ends = (top_token == eos) & (top_scores > neg_inf)
-        leaf = trie.advance(nodes.gather(1, top_index // V), top_token)
+        finished = trie.advance(states.gather(1, top_parent), top_token)
         new_scores = torch.where(ends, top_scores / (t + 1) ** length_penalty, neg_inf)
-        new_ids = torch.where(ends, trie.identifier_of(leaf), -1)
+        new_ids = torch.where(ends, trie.identifier_of(finished), -1)
+        new_tokens = torch.full((B, K, max_length), -1, dtype=torch.long, device=device)
+        new_tokens[:, :, :t] = tokens.view(B, K, t).gather(1, top_parent[..., None].expand(B, K, t))
+        new_tokens[:, :, t] = eos
         best_scores, keep = torch.cat([best_scores, new_scores], 1).topk(K, dim=1)
         best_ids = torch.cat([best_ids, new_ids], 1).gather(1, keep)
+        best_tokens = torch.cat([best_tokens, new_tokens], 1).gather(1, keep[..., None].expand(B, K, max_length))
 
         # Running: the K best candidates that do not end with EOS.
         candidates[..., eos] = neg_inf
         running, run_index = candidates.view(B, K * V).topk(K, dim=1)
         parent, token = run_index // V, run_index % V
-        nodes = torch.where(running > neg_inf, trie.advance(nodes.gather(1, parent), token), -1)
+        states = torch.where(running > neg_inf, trie.advance(states.gather(1, parent), token), -1)
 
         # Log-probs are <= 0, so a running beam's final score is at most its current sum, divided by the most
         # favourable length it can still reach.
         best_length = max_length if length_penalty > 0 else t + 1
         bound = running[:, 0] / best_length**length_penalty
         done = (running[:, 0] == neg_inf) | (bound <= best_scores[:, -1])
-        if bool(done.all()):
-            break
         running = running.masked_fill(done[:, None], neg_inf)
+        if all_done.update(done.all()):
+            break
         beam_idx = (parent + batch_offset).view(-1)
         tokens = torch.cat([tokens[beam_idx], token.view(-1, 1)], dim=1)
         if reorder_fn is not None:
             state = reorder_fn(state, beam_idx)
 
-    found = best_ids >= 0
-    rows = trie.tokens_of(best_ids.clamp(min=0).view(-1)).view(B, K, -1).tolist()
+    found = (best_ids >= 0).tolist()
     sequences = [
         [[tok for tok in row if tok >= 0] for row, ok in zip(item_rows, item_found) if ok]
-        for item_rows, item_found in zip(rows, found.tolist())
+        for item_rows, item_found in zip(best_tokens.tolist(), found)
     ]
     return BeamSearchOutput(sequences=sequences, scores=best_scores, identifiers=best_ids)
+
+
+class _LaggedFlag:
+    """A device bool read on the host without stalling: on CUDA each step reads the value copied one step
+    earlier (the copy runs asynchronously), so stopping may come one step late but never waits for the GPU.
+    Sound here because ``done`` never goes back to False once every batch item is done."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._async = device.type == "cuda"
+        if self._async:
+            self._host = torch.zeros((), dtype=torch.bool).pin_memory()
+            self._event = torch.cuda.Event()
+            self._pending = False
+
+    def update(self, flag: torch.Tensor) -> bool:
+        if not self._async:
+            return bool(flag)
+        ready = self._pending and self._event.query() and bool(self._host)
+        self._host.copy_(flag, non_blocking=True)
+        self._event.record()
+        self._pending = True
+        return ready

@@ -2,7 +2,9 @@
 
 ``generate()`` hands a logits processor only ``input_ids`` and the next-token scores. Beam search reorders its
 rows between calls without saying how, so the processor remembers the previous call's generated tokens and trie
-nodes and finds each new row's parent by comparing prefixes, then advances the parent's node by one token.
+states, finds each new row's parent by comparing prefixes within its batch item, and advances the parent's state
+by one token: no walk from the root, and no host<->device sync (errors are recorded on the device and raised by
+:meth:`TrieLogitsProcessor.check` once generation is over).
 
 Notes on ``generate()`` (transformers 5):
 
@@ -18,12 +20,12 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor
 
-from gcr.decoding.trie import TokenTrie
+from gcr.decoding.trie import DEAD, TokenTrie
 from gcr.errors import DecodingError
 
 __all__ = ["TrieLogitsProcessor"]
 
-_UNMATCHED = -2  # node placeholder for a row whose parent was not found among the previous rows
+_OFF_TRIE_SCORE = -1e9  # an off-trie row may only end (EOS), at about the score HF gives dummy beams
 
 
 class TrieLogitsProcessor(LogitsProcessor):
@@ -34,15 +36,17 @@ class TrieLogitsProcessor(LogitsProcessor):
         prompt_length: column of ``input_ids`` where generated tokens start (the prompt length with left
             padding; 1 for encoder-decoder models, whose decoder input starts with the decoder start token).
         eos_token_id: the EOS id; it must match ``trie.eos_token_id``.
-        pad_token_id: what ``generate()`` writes after a finished row (defaults to EOS). Rows that reached a
-            leaf may only continue with pad or EOS.
+        pad_token_id: what ``generate()`` writes after a finished row (defaults to EOS). Rows that completed an
+            identifier may only continue with pad or EOS.
         num_beams: rows per batch item (``num_beams`` for beam search, ``num_return_sequences`` for sampling).
-            Parents are then looked up within each group of rows, which is how ``generate()`` reorders them;
+            Parents are looked up within each group of rows, which is how ``generate()`` reorders them;
             ``None`` compares every row with every previous row (cost quadratic in the number of rows).
+        inplace: mask ``scores`` in place (the default: on CPU a fresh ``(rows, vocab)`` tensor per step costs
+            more than the masking). ``generate()`` hands processors a tensor of its own, but with greedy search
+            and ``output_logits=True`` the returned logits are then the masked ones; pass ``False`` to keep them.
 
-    Raises (when called):
-        DecodingError: a row that has not finished has no allowed token with a finite score, e.g. another
-            processor forbade every trie continuation or a token outside the trie was forced.
+    A row that leaves the trie (a token outside it was forced, e.g. by another processor or a wrong
+    ``prompt_length``) is only allowed EOS, at score -1e9, so that decoding still ends; :meth:`check` then raises.
     """
 
     def __init__(
@@ -52,6 +56,8 @@ class TrieLogitsProcessor(LogitsProcessor):
         eos_token_id: int,
         pad_token_id: int | None = None,
         num_beams: int | None = None,
+        *,
+        inplace: bool = True,
     ) -> None:
         if eos_token_id != trie.eos_token_id:
             raise ValueError(f"eos_token_id {eos_token_id} differs from the trie's EOS {trie.eos_token_id}")
@@ -60,13 +66,27 @@ class TrieLogitsProcessor(LogitsProcessor):
         self.eos_token_id = eos_token_id
         self.pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
         self.num_beams = num_beams
+        self.inplace = inplace
+        self._buffer: torch.Tensor | None = None
         self.reset()
 
     def reset(self) -> None:
-        """Forget the previous step (done automatically when the next call's shapes do not follow on)."""
+        """Forget the previous step and any recorded error (done automatically for a new ``generate()``)."""
         self._previous_tokens: torch.Tensor | None = None
-        self._previous_nodes: torch.Tensor | None = None
-        self._trie_version = self.trie.version
+        self._previous_states: torch.Tensor | None = None
+        self._off_trie_rows: torch.Tensor | None = None  # per call: how many rows were off the trie
+
+    def check(self) -> None:
+        """Raise :class:`DecodingError` if any row left the trie during the last ``generate()`` (one host sync)."""
+        if self._off_trie_rows is None:
+            return
+        count = int(self._off_trie_rows)
+        if count:
+            raise DecodingError(
+                f"constrained decoding left the identifier trie in {count} row-step(s): a token outside the trie "
+                "was generated (forced by another logits processor, or prompt_length does not point at the first "
+                "generated token); those rows were ended with EOS and are not valid identifiers"
+            )
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if scores.shape[1] < self.trie.vocab_size:
@@ -74,80 +94,64 @@ class TrieLogitsProcessor(LogitsProcessor):
                 f"scores have {scores.shape[1]} columns but the trie's vocab is {self.trie.vocab_size}"
             )
         generated = input_ids[:, self.prompt_length :]
-        nodes = self._nodes_from_previous(generated)
-        if nodes is None:  # first step, or a new generate() call
-            nodes = self._walk(generated)
-        masked, stuck = self._mask(nodes, scores)
-        # One host sync per step, for both the fallback decision and the error check.
-        unmatched, any_stuck = torch.stack([(nodes == _UNMATCHED).any(), stuck.any()]).tolist()
-        if unmatched:
-            nodes = self._walk(generated)
-            masked, stuck = self._mask(nodes, scores)
-            any_stuck = bool(stuck.any())
-        if any_stuck:
-            raise self._stuck_error(generated, nodes, stuck)
-        self._previous_tokens = generated.clone()
-        self._previous_nodes = nodes
+        states = self._states_from_previous(generated)
+        if states is None:  # first step, or a new generate() call
+            self.reset()
+            states = self._walk(generated)
+        masked = self._mask(states, scores)
+        self._previous_tokens = generated.clone()  # generate() may reuse the buffer behind input_ids
+        self._previous_states = states
         return masked
 
-    def _nodes_from_previous(self, generated: torch.Tensor) -> torch.Tensor | None:
-        """Nodes of the rows via their parents in the previous call (``_UNMATCHED`` where none matches).
+    def _states_from_previous(self, generated: torch.Tensor) -> torch.Tensor | None:
+        """States of the rows via their parents in the previous call (``DEAD`` where none matches).
 
-        ``None`` when the previous call cannot be this call's previous step (shapes or trie version differ).
+        ``None`` when the previous call cannot be this call's previous step (the shapes do not follow on).
         """
         rows, length = generated.shape
         previous = self._previous_tokens
         group = self.num_beams or rows
-        if (
-            previous is None
-            or self._trie_version != self.trie.version
-            or previous.shape != (rows, length - 1)
-            or rows % group
-        ):
-            self._trie_version = self.trie.version
+        if previous is None or previous.shape != (rows, length - 1) or rows % group:
             return None
         groups = rows // group
         prefix = generated[:, :-1].reshape(groups, group, 1, length - 1)
         same = (prefix == previous.reshape(groups, 1, group, length - 1)).all(-1)  # (groups, new, old)
         found = same.any(-1)
+        # Any matching old row will do: a state is a function of the prefix.
         parent = same.byte().argmax(-1) + torch.arange(groups, device=generated.device)[:, None] * group
-        nodes = self._step(self._previous_nodes[parent.reshape(-1)], generated[:, -1])
-        return torch.where(found.reshape(-1), nodes, _UNMATCHED)
+        states = self._step(self._previous_states[parent.reshape(-1)], generated[:, -1])
+        return torch.where(found.reshape(-1), states, DEAD)
 
     def _walk(self, generated: torch.Tensor) -> torch.Tensor:
-        nodes = torch.zeros(generated.shape[0], dtype=torch.long, device=generated.device)
+        states = torch.zeros(generated.shape[0], dtype=torch.long, device=generated.device)
         for column in generated.T:
-            nodes = self._step(nodes, column)
-        return nodes
+            states = self._step(states, column)
+        return states
 
-    def _step(self, nodes: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        # A finished row (at a leaf) stays there whatever generate() pads it with.
-        return torch.where(self.trie.is_leaf(nodes), nodes, self.trie.advance(nodes, tokens))
+    def _step(self, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        # A finished row stays finished whatever generate() pads it with.
+        return torch.where(TokenTrie.is_finished(states), states, self.trie.advance(states, tokens))
 
-    def _mask(self, nodes: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores with disallowed tokens at -inf, and which unfinished rows have no finite score left."""
-        finished = self.trie.is_leaf(nodes)
-        allowed = self.trie.allowed_mask(nodes)
-        if scores.shape[1] > allowed.shape[1]:  # model vocab padded beyond the identifier vocab
-            allowed = torch.nn.functional.pad(allowed, (0, scores.shape[1] - allowed.shape[1]))
-        allowed[:, self.eos_token_id] |= finished
-        allowed[:, self.pad_token_id] |= finished
-        masked = scores.masked_fill(~allowed, float("-inf"))
-        stuck = ~finished & ~(masked > float("-inf")).any(-1)
-        return masked, stuck
-
-    def _stuck_error(
-        self, generated: torch.Tensor, nodes: torch.Tensor, stuck: torch.Tensor
-    ) -> DecodingError:
-        row = int(torch.nonzero(stuck)[0])
-        tokens = generated[row].tolist()
-        if int(nodes[row]) < 0:
-            reason = "its tokens are not a prefix of any identifier (a token outside the trie was forced)"
-        else:
-            reason = (
-                "every token the trie allows there has score -inf (another logits processor forbade them?)"
-            )
-        return DecodingError(
-            f"constrained decoding is stuck: row {row} with generated tokens {tokens} has no valid next token; "
-            f"{reason}. {int(stuck.sum())} row(s) are stuck."
-        )
+    def _mask(self, states: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        rows, V = states.numel(), self.trie.vocab_size
+        if self._buffer is None or self._buffer.shape[0] != rows or self._buffer.device != scores.device:
+            self._buffer = torch.empty(rows, V + 1, dtype=torch.bool, device=scores.device)
+        forbidden = self.trie.forbidden_mask(states, out=self._buffer)
+        finished = TokenTrie.is_finished(states)
+        off_trie = states == DEAD
+        ending = finished | off_trie
+        forbidden[:, self.eos_token_id] &= ~ending
+        if self.pad_token_id < V:
+            forbidden[:, self.pad_token_id] &= ~finished
+        padded_vocab = scores.shape[1] > V  # model vocab padded beyond the identifier vocab
+        pad_scores = scores[:, self.pad_token_id].clone() if self.pad_token_id >= V else None
+        out = scores if self.inplace else scores.clone()
+        out[:, :V].masked_fill_(forbidden, float("-inf"))
+        if padded_vocab:
+            out[:, V:] = float("-inf")
+        if pad_scores is not None:
+            out[:, self.pad_token_id] = torch.where(finished, pad_scores, float("-inf"))
+        out[:, self.eos_token_id] = torch.where(off_trie, _OFF_TRIE_SCORE, out[:, self.eos_token_id])
+        count = off_trie.sum()
+        self._off_trie_rows = count if self._off_trie_rows is None else self._off_trie_rows + count
+        return out

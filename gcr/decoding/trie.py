@@ -1,18 +1,30 @@
 """A prefix trie over identifier token sequences, stored as flat tensors for batched decoding.
 
-Every identifier is a sequence of token ids that ends with EOS and contains no other EOS, so no identifier is
-a prefix of another one: ``[5, 7, EOS]`` and ``[5, 7, 9, EOS]`` share the node for ``[5, 7]``, and EOS is just
-one more edge out of it. The node reached by an identifier's EOS is a leaf that records the identifier's index.
+Every identifier is a sequence of token ids that ends with EOS and has no other EOS. ``[5, 7, EOS]`` and
+``[5, 7, 9, EOS]`` share the node for ``[5, 7]``; EOS is one more edge out of it, so an identifier may be a
+prefix of another one.
 
-Layout (compressed sparse rows, as in STATIC constrained decoding):
+**Decoding state.** A beam's position in the trie is one int64:
 
-* nodes are numbered ``0..N-1`` breadth first, ``0`` is the root;
-* the edges out of node ``n`` are ``indptr[n]:indptr[n + 1]``; ``child_token`` holds their tokens (sorted
-  within each node) and ``child_node`` the nodes they lead to;
-* ``leaf_of_node[n]`` is the identifier index of leaf ``n``, or ``-1`` for inner nodes.
+* ``>= 0``: an inner node (``0`` is the root, i.e. nothing generated yet);
+* ``-1``: off the trie (a token that no identifier continues with was generated);
+* ``<= -2``: finished, the beam's EOS completed identifier ``-state - 2``.
 
-All batched queries take a 1-D LongTensor of node ids (``-1`` means "not in the trie" and is propagated) and
-run as a handful of tensor ops on the trie's device, with no Python loop over rows.
+Leaves are not nodes: the EOS edge stores ``-(identifier + 2)`` in place of a child node, so a finished beam
+needs no table lookup to know its identifier.
+
+**Layout.** Node ``n`` owns the edge slots ``edge_start[n] : edge_start[n] + degree[n]`` of ``child_token`` and
+``child_node``, sorted by token (so :meth:`advance` is a batched binary search). :meth:`build` packs the slots
+exactly (CSR); :meth:`insert` gives a node that outgrows its slots a new block of twice the size at the end
+(amortised O(1) per new edge, no rebuild, node ids unchanged). Token ids are stored as int16 when the vocabulary
+fits, node and edge ids as int32 when the trie fits.
+
+**Dense rows.** :meth:`forbidden_mask` gathers each beam's children into a window as wide as the widest node, so
+the few very wide nodes (the root, the first levels of natural-language identifiers) get a precomputed boolean
+row instead: as many of the widest nodes as fit in an eighth of the CSR's bytes. Every other node is read from
+the CSR window, which then only needs to be as wide as the widest *sparse* node.
+
+Every batched query is a few tensor ops on the trie's device: no Python loop over beams and no host sync.
 """
 
 from __future__ import annotations
@@ -26,16 +38,25 @@ import torch
 
 from gcr.errors import ArtifactError, IdentifierError
 
-__all__ = ["TokenTrie"]
+__all__ = ["TokenTrie", "DEAD", "finished_state"]
 
-_FORMAT = "gcr.TokenTrie/1"
-_TENSOR_KEYS = ("indptr", "child_token", "child_node", "leaf_of_node")
+_FORMAT = "gcr.TokenTrie/2"
+DEAD = -1
+"""State of a beam that left the trie."""
+
+_DENSE_BUDGET = 1 / 8  # dense rows may use at most this share of the CSR's bytes
+_DENSE_MIN_DEGREE = 32  # narrower nodes are cheaper to read from the CSR window
+
+
+def finished_state(identifier: int | torch.Tensor) -> Any:
+    """The decoding state of a beam that completed ``identifier``."""
+    return -identifier - 2
 
 
 class TokenTrie:
-    """Prefix trie of identifiers (token-id sequences ending with EOS), held as CSR tensors.
+    """Prefix trie of identifiers (token-id sequences ending with EOS), held as flat tensors.
 
-    Build one with :meth:`build`; the constructor takes already-built tensors (see :meth:`from_state_dict`).
+    Build one with :meth:`build` (or :meth:`from_flat`); :meth:`from_state_dict` restores a saved one.
     """
 
     def __init__(
@@ -43,42 +64,47 @@ class TokenTrie:
         indptr: torch.Tensor,
         child_token: torch.Tensor,
         child_node: torch.Tensor,
-        leaf_of_node: torch.Tensor,
         *,
         vocab_size: int,
         eos_token_id: int,
+        num_identifiers: int,
         max_length: int,
     ) -> None:
-        self.indptr = indptr.long()
-        self.child_token = child_token.long()
-        self.child_node = child_node.long()
-        self.leaf_of_node = leaf_of_node.long()
         self.vocab_size = int(vocab_size)
         self.eos_token_id = int(eos_token_id)
         self.max_length = int(max_length)  # tokens in the longest identifier, EOS included
-        self.version = 0  # bumped by insert(); node ids of older versions are meaningless
+        self.num_identifiers = int(num_identifiers)
+        self.version = 0  # bumped by insert()
+        self._num_nodes = indptr.numel() - 1
+        self._num_edges = child_token.numel()
+        index_dtype = _index_dtype(max(self._num_edges, self._num_nodes, self.num_identifiers + 2))
+        self.edge_start = indptr[:-1].to(index_dtype).clone()
+        self.degree = (indptr[1:] - indptr[:-1]).to(index_dtype)
+        self.child_token = child_token.to(_token_dtype(self.vocab_size))
+        self.child_node = child_node.to(index_dtype)
+        self.capacity: torch.Tensor | None = None  # slots per node; None while packed (capacity == degree)
         self._derive()
 
     def _derive(self) -> None:
-        """Compute the lookup tables that follow from the CSR arrays (not saved in the state dict)."""
-        n, device = self.num_nodes, self.indptr.device
-        degree = self.indptr[1:] - self.indptr[:-1]
-        edge_parent = torch.repeat_interleave(torch.arange(n, device=device), degree)
-        # Edges are sorted by (parent, token), so this key is globally sorted: advance() is one searchsorted.
-        self._edge_key = edge_parent * self.vocab_size + self.child_token
-        self._degree = degree
-        self._node_parent = torch.full((n,), -1, dtype=torch.long, device=device)
-        self._node_parent[self.child_node] = edge_parent
-        self._node_token = torch.full((n,), -1, dtype=torch.long, device=device)
-        self._node_token[self.child_node] = self.child_token
-        leaves = torch.nonzero(self.leaf_of_node >= 0).squeeze(1)
-        self._leaf_node = torch.empty(leaves.numel(), dtype=torch.long, device=device)
-        self._leaf_node[self.leaf_of_node[leaves]] = leaves
-        # Dense first level: the root may have up to vocab_size children, far more than any deeper node, so
-        # its mask is precomputed and allowed_mask() only needs a window as wide as the widest deeper node.
-        self._root_mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=device)
-        self._root_mask[self.child_token[: int(self.indptr[1])]] = True
-        self._max_inner_degree = int(degree[1:].max()) if n > 1 else 0
+        """Choose the dense rows and window widths (derived from the CSR, never saved)."""
+        device, n = self.device, self._num_nodes
+        degree = self.degree[:n].long()
+        csr_bytes = self.nbytes(derived=False)
+        row_bytes = self.vocab_size + 1
+        affordable = max(1, int(csr_bytes * _DENSE_BUDGET) // row_bytes)
+        widest = torch.argsort(degree, descending=True, stable=True)[:affordable]
+        dense = widest[degree[widest] >= _DENSE_MIN_DEGREE].sort().values
+        self._dense_nodes = dense
+        # Rows of *forbidden* tokens. Row 0 forbids everything: sparse, dead and finished beams start from it.
+        # The last column absorbs the padding slots of the sparse window (see forbidden_mask).
+        self._dense_rows = torch.ones(dense.numel() + 1, row_bytes, dtype=torch.bool, device=device)
+        if dense.numel():
+            rows, tokens = self._edges_of(dense)
+            self._dense_rows[rows + 1, tokens] = False
+        is_dense = torch.zeros(n, dtype=torch.bool, device=device)
+        is_dense[dense] = True
+        self._sparse_width = int(degree.masked_fill(is_dense, 0).max()) if n else 0
+        self._search_steps = int(degree.max()).bit_length() if n else 0
 
     # ------------------------------------------------------------------ building
 
@@ -96,122 +122,230 @@ class TokenTrie:
             IdentifierError: the set is empty, has duplicates, or a sequence is not ``tokens... EOS`` with
                 every token in ``[0, vocab_size)``.
         """
+        flat, offsets = _flatten(sequences)
+        return cls.from_flat(flat, offsets, vocab_size, eos_token_id, device=device)
+
+    @classmethod
+    def from_flat(
+        cls,
+        flat: np.ndarray,
+        offsets: np.ndarray,
+        vocab_size: int,
+        eos_token_id: int,
+        device: torch.device | str | None = None,
+    ) -> TokenTrie:
+        """Like :meth:`build`, from all sequences concatenated (``flat``) and their ``offsets`` (n + 1)."""
         if not 0 <= eos_token_id < vocab_size:
             raise IdentifierError(f"eos_token_id {eos_token_id} is outside the vocabulary [0, {vocab_size})")
-        flat, offsets = _flatten(sequences)
+        flat = np.asarray(flat, dtype=np.int64)
+        offsets = np.asarray(offsets, dtype=np.int64)
         _validate(flat, offsets, vocab_size, eos_token_id)
-        indptr, child_token, leaf_of_node = _build_csr(flat, offsets, vocab_size)
-        num_nodes = len(indptr) - 1
+        indptr, child_token, child_node = _build_csr(flat, offsets, vocab_size, eos_token_id)
         return cls(
             torch.from_numpy(indptr).to(device),
             torch.from_numpy(child_token).to(device),
-            torch.arange(1, num_nodes, device=device),  # breadth-first numbering: edge e leads to node e + 1
-            torch.from_numpy(leaf_of_node).to(device),
+            torch.from_numpy(child_node).to(device),
             vocab_size=vocab_size,
             eos_token_id=eos_token_id,
+            num_identifiers=len(offsets) - 1,
             max_length=int(np.diff(offsets).max()),
         )
 
     def insert(self, sequences: Sequence[Sequence[int]]) -> range:
-        """Add new identifiers in place and return their indices (they follow the existing ones).
+        """Add identifiers in place and return their indices (they follow the existing ones).
 
-        This simple version rebuilds the whole trie from the merged set, so it costs as much as :meth:`build`;
-        node ids change, which is why :attr:`version` is bumped (holders of node ids must re-walk).
+        Existing node ids and identifier indices do not change, so decoding states stay valid. A node that
+        needs more edge slots moves to a block of twice the size at the end of the edge arrays; the old block
+        is left unused until :meth:`compact` (or a save/load) packs the arrays again. Nodes that grow wide after
+        :meth:`build` stay sparse (the window widens) until :meth:`compact` re-chooses the dense rows.
 
         Raises:
-            IdentifierError: a new sequence is invalid or duplicates an existing or another new one.
+            IdentifierError: a new sequence is invalid or duplicates an existing or another new one; the trie
+                is left unchanged.
         """
         start = self.num_identifiers
-        merged = self.sequences() + [list(s) for s in sequences]
-        rebuilt = TokenTrie.build(merged, self.vocab_size, self.eos_token_id, device=self.device)
-        version = self.version
-        self.__dict__.update(rebuilt.__dict__)
-        self.version = version + 1
+        if len(sequences) == 0:
+            return range(start, start)
+        flat, offsets = _flatten(sequences)
+        _validate(flat, offsets, self.vocab_size, self.eos_token_id)
+        self._check_new(sequences, flat, offsets)
+        if self.capacity is None:
+            self.capacity = self.degree.clone()
+        device, V = self.device, self.vocab_size
+        lengths = np.diff(offsets)
+        order = np.argsort(-lengths, kind="stable")  # longest first: the sequences still going are a prefix
+        starts = torch.from_numpy(offsets[:-1][order]).to(device)
+        active_at = np.searchsorted(-lengths[order], -np.arange(int(lengths.max())), side="left")
+        order_t = torch.from_numpy(order).to(device)
+        flat_t = torch.from_numpy(flat).to(device)
+        state = torch.zeros(len(order), dtype=torch.long, device=device)
+        for depth, active in enumerate(active_at.tolist()):
+            tokens = flat_t[starts[:active] + depth]
+            nxt = self.advance(state[:active], tokens)
+            missing = torch.nonzero(nxt == DEAD).squeeze(1)
+            if missing.numel():
+                keys = state[missing] * V + tokens[missing]
+                unique_keys, inverse = torch.unique(keys, return_inverse=True)
+                parents, new_tokens = unique_keys // V, unique_keys % V
+                children = torch.empty_like(unique_keys)
+                inner = new_tokens != self.eos_token_id
+                children[inner] = self._new_nodes(int(inner.sum()))
+                ends = tokens[missing] == self.eos_token_id
+                children[inverse[ends]] = finished_state(start + order_t[missing[ends]])
+                self._add_edges(parents, new_tokens, children)
+                nxt[missing] = children[inverse]
+            state[:active] = nxt
+        self.num_identifiers += len(order)
+        self.max_length = max(self.max_length, int(lengths.max()))
+        self.version += 1
         return range(start, self.num_identifiers)
+
+    def compact(self) -> TokenTrie:
+        """Pack the edge arrays (drop the slack left by :meth:`insert`) and re-choose the dense rows."""
+        state = self.state_dict()
+        version = self.version
+        self.__dict__.update(TokenTrie.from_state_dict(state).__dict__)
+        self.version = version
+        return self
 
     # ------------------------------------------------------------------ properties
 
     @property
     def num_nodes(self) -> int:
-        return self.indptr.numel() - 1
+        """Inner nodes, the root included (leaves are EOS edges, not nodes)."""
+        return self._num_nodes
 
     @property
-    def num_identifiers(self) -> int:
-        return self._leaf_node.numel()
+    def num_edges(self) -> int:
+        """Edges, one per distinct (prefix, next token); the EOS edges are the identifiers."""
+        return int(self.degree[: self._num_nodes].sum())
 
     @property
     def device(self) -> torch.device:
-        return self.indptr.device
+        return self.child_token.device
+
+    def nbytes(self, derived: bool = True) -> int:
+        """Bytes held by the trie's tensors (slack from inserts included); ``derived`` adds the dense rows."""
+        held = [self.edge_start, self.degree, self.child_token, self.child_node]
+        if self.capacity is not None:
+            held.append(self.capacity)
+        if derived:
+            held += [self._dense_rows, self._dense_nodes]
+        return sum(t.numel() * t.element_size() for t in held)
 
     def __repr__(self) -> str:
         return (
             f"TokenTrie(identifiers={self.num_identifiers}, nodes={self.num_nodes}, "
-            f"vocab_size={self.vocab_size}, eos_token_id={self.eos_token_id}, device={self.device})"
+            f"vocab_size={self.vocab_size}, eos_token_id={self.eos_token_id}, "
+            f"dense_rows={self._dense_nodes.numel()}, window={self._sparse_width}, device={self.device})"
         )
 
     # ------------------------------------------------------------------ batched queries
 
-    def advance(self, nodes: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Child of each node along each token, or ``-1`` where there is no such edge (or ``nodes`` is -1)."""
-        keys = nodes * self.vocab_size + tokens
-        pos = torch.searchsorted(self._edge_key, keys).clamp_(max=self._edge_key.numel() - 1)
-        hit = (self._edge_key[pos] == keys) & (nodes >= 0) & (tokens >= 0) & (tokens < self.vocab_size)
-        return torch.where(hit, self.child_node[pos], -1)
+    def advance(self, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """State after appending ``tokens`` to beams in ``states``: a node, a finished state, or ``DEAD``.
 
-    def allowed_mask(self, nodes: torch.Tensor) -> torch.Tensor:
-        """``(B, vocab_size)`` bool mask of the tokens that have an edge out of each node (none for -1)."""
-        safe = nodes.clamp(min=0)
-        offsets = torch.arange(self._max_inner_degree, device=nodes.device)
-        in_range = (offsets < self._degree[safe, None]) & (nodes[:, None] > 0)
-        edges = (self.indptr[safe, None] + offsets).clamp_(max=self.child_token.numel() - 1)
-        # Out-of-range slots scatter into an extra dump column that is cut off afterwards.
-        tokens = torch.where(in_range, self.child_token[edges], self.vocab_size)
-        mask = torch.zeros(nodes.numel(), self.vocab_size + 1, dtype=torch.bool, device=nodes.device)
-        mask.scatter_(1, tokens, True)
-        return torch.where((nodes == 0)[:, None], self._root_mask, mask[:, : self.vocab_size])
+        Finished and dead beams have no edges, so any token makes them ``DEAD``.
+        """
+        states, tokens = states.long(), tokens.long()
+        inner = states >= 0
+        node = states.clamp(min=0)
+        lo = self.edge_start[node].long()
+        end = torch.where(inner, lo + self.degree[node].long(), lo)
+        hi = end.clone()
+        last_slot = self.child_token.numel() - 1
+        for _ in range(self._search_steps):  # lower bound of `tokens` in each node's sorted slots
+            mid = (lo + hi) >> 1
+            less = self.child_token[mid.clamp(max=last_slot)].long() < tokens
+            searching = lo < hi
+            lo = torch.where(searching & less, mid + 1, lo)
+            hi = torch.where(searching & ~less, mid, hi)
+        slot = lo.clamp(max=last_slot)
+        hit = (lo < end) & (self.child_token[slot].long() == tokens)
+        return torch.where(hit, self.child_node[slot].long(), DEAD)
+
+    def allowed_mask(self, states: torch.Tensor) -> torch.Tensor:
+        """``(B, vocab_size)`` bool mask of the tokens with an edge out of each state (none when not a node)."""
+        return ~self.forbidden_mask(states)
+
+    def forbidden_mask(self, states: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, vocab_size)`` bool mask of the tokens that would leave the trie (all of them when not a node).
+
+        This is the form a logits processor needs (``scores.masked_fill_(mask, -inf)``). ``out``, a reusable
+        ``(B, vocab_size + 1)`` bool buffer, saves allocating and page-faulting a fresh mask every step; the
+        result is a view into it.
+        """
+        states = states.long()
+        rows = states.numel()
+        inner = states >= 0
+        node = states.clamp(min=0)
+        if out is None:
+            out = torch.empty(rows, self.vocab_size + 1, dtype=torch.bool, device=states.device)
+        elif out.shape != (rows, self.vocab_size + 1) or out.dtype != torch.bool:
+            raise ValueError(f"out must be a ({rows}, {self.vocab_size + 1}) bool tensor, got {tuple(out.shape)}")
+        if self._dense_nodes.numel():
+            slot = torch.searchsorted(self._dense_nodes, node).clamp_(max=self._dense_nodes.numel() - 1)
+            is_dense = inner & (self._dense_nodes[slot] == node)
+            torch.index_select(self._dense_rows, 0, torch.where(is_dense, slot + 1, 0), out=out)
+        else:
+            is_dense = torch.zeros_like(inner)
+            out.fill_(True)
+        if self._sparse_width:
+            offsets = torch.arange(self._sparse_width, device=states.device)
+            degree = torch.where(inner & ~is_dense, self.degree[node].long(), 0)
+            slots = (self.edge_start[node].long()[:, None] + offsets).clamp_(max=self.child_token.numel() - 1)
+            # Slots past a node's degree scatter into the extra last column, which is cut off.
+            tokens = torch.where(offsets < degree[:, None], self.child_token[slots].long(), self.vocab_size)
+            out.scatter_(1, tokens, False)
+        return out[:, : self.vocab_size]
 
     def walk(self, prefixes: torch.Tensor, pad: int = -1) -> torch.Tensor:
-        """Node reached from the root by each row of ``prefixes`` ``(B, L)``; ``-1`` if it leaves the trie.
+        """State reached from the root by each row of ``prefixes`` ``(B, L)``.
 
         Entries equal to ``pad`` are skipped, so right-padded prefixes of different lengths can share a batch.
         """
-        nodes = torch.zeros(prefixes.shape[0], dtype=torch.long, device=prefixes.device)
+        states = torch.zeros(prefixes.shape[0], dtype=torch.long, device=prefixes.device)
         for column in prefixes.T:  # a loop over positions, each step batched over rows
-            nodes = torch.where(column == pad, nodes, self.advance(nodes, column))
-        return nodes
+            states = torch.where(column == pad, states, self.advance(states, column))
+        return states
 
-    def is_leaf(self, nodes: torch.Tensor) -> torch.Tensor:
-        """True where the node is a leaf, i.e. a complete identifier (EOS included)."""
-        return (nodes >= 0) & (self.leaf_of_node[nodes.clamp(min=0)] >= 0)
+    @staticmethod
+    def is_finished(states: torch.Tensor) -> torch.Tensor:
+        """True where the beam completed an identifier (its EOS was generated)."""
+        return states <= -2
 
-    def identifier_of(self, nodes: torch.Tensor) -> torch.Tensor:
-        """Identifier index of each leaf node, ``-1`` for inner nodes and ``-1`` inputs."""
-        return torch.where(nodes >= 0, self.leaf_of_node[nodes.clamp(min=0)], -1)
+    is_leaf = is_finished
+
+    @staticmethod
+    def identifier_of(states: torch.Tensor) -> torch.Tensor:
+        """Identifier index of each finished state, ``-1`` otherwise."""
+        return torch.where(states <= -2, -states - 2, -1)
+
+    def sequences(self) -> list[list[int]]:
+        """All identifiers as token lists, in index order (walks the whole trie: for tests and export)."""
+        out: list[list[int]] = [[] for _ in range(self.num_identifiers)]
+        frontier = torch.zeros(1, dtype=torch.long, device=self.device)
+        prefixes = torch.zeros(1, 0, dtype=torch.long, device=self.device)
+        while frontier.numel():
+            rows, tokens = self._edges_of(frontier)
+            children = self.child_node[self._slots_of(frontier)].long()
+            paths = torch.cat([prefixes[rows], tokens[:, None]], dim=1)
+            finished = children <= -2
+            for ident, path in zip((-children[finished] - 2).tolist(), paths[finished].tolist()):
+                out[ident] = path
+            frontier, prefixes = children[~finished], paths[~finished]
+        return out
 
     def tokens_of(self, identifiers: torch.Tensor) -> torch.Tensor:
         """``(n, max_length)`` tokens of the given identifier indices, right-padded with ``-1``."""
-        nodes = self._leaf_node[identifiers]
-        reversed_tokens = torch.full(
-            (nodes.numel(), self.max_length), -1, dtype=torch.long, device=self.device
-        )
-        for j in range(self.max_length):  # climb towards the root, one level per step
-            inner = nodes > 0
-            reversed_tokens[:, j] = torch.where(inner, self._node_token[nodes], -1)
-            nodes = torch.where(inner, self._node_parent[nodes], 0)
-        lengths = (reversed_tokens >= 0).sum(1, keepdim=True)
-        positions = torch.arange(self.max_length, device=self.device)
-        source = (lengths - 1 - positions).clamp(min=0)
-        return torch.where(positions < lengths, reversed_tokens.gather(1, source), -1)
-
-    def sequences(self) -> list[list[int]]:
-        """All identifiers as Python lists, in index order (for tests and rebuilding; not for hot paths)."""
-        rows = self.tokens_of(torch.arange(self.num_identifiers, device=self.device)).tolist()
-        return [[t for t in row if t >= 0] for row in rows]
+        sequences = self.sequences()
+        rows = [sequences[i] + [-1] * (self.max_length - len(sequences[i])) for i in identifiers.tolist()]
+        return torch.tensor(rows, dtype=torch.long, device=self.device).view(-1, self.max_length)
 
     # ------------------------------------------------------------------ devices and persistence
 
     def to(self, device: torch.device | str) -> TokenTrie:
-        """A copy of the trie on ``device`` (like ``Tensor.to``, this returns a new object)."""
+        """A packed copy of the trie on ``device`` (like ``Tensor.to``, this returns a new object)."""
         moved = TokenTrie.from_state_dict(
             {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.state_dict().items()}
         )
@@ -219,12 +353,19 @@ class TokenTrie:
         return moved
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain tensors and ints, loadable with ``torch.load(..., weights_only=True)``."""
+        """Packed CSR tensors and ints, loadable with ``torch.load(..., weights_only=True)``."""
+        nodes = torch.arange(self._num_nodes, device=self.device)
+        slots = self._slots_of(nodes)
+        indptr = torch.zeros(self._num_nodes + 1, dtype=torch.long, device=self.device)
+        torch.cumsum(self.degree[: self._num_nodes].long(), 0, out=indptr[1:])
         return {
             "format": _FORMAT,
-            **{key: getattr(self, key) for key in _TENSOR_KEYS},
+            "indptr": indptr,
+            "child_token": self.child_token[slots].clone(),
+            "child_node": self.child_node[slots].clone(),
             "vocab_size": self.vocab_size,
             "eos_token_id": self.eos_token_id,
+            "num_identifiers": self.num_identifiers,
             "max_length": self.max_length,
         }
 
@@ -237,32 +378,169 @@ class TokenTrie:
         """
         if state.get("format") != _FORMAT:
             raise ArtifactError(
-                f"not a saved TokenTrie: format is {state.get('format')!r}, expected {_FORMAT!r}"
+                f"not a saved TokenTrie: format is {state.get('format')!r}, expected {_FORMAT!r}; "
+                "rebuild it with TokenTrie.build()"
             )
-        missing = [k for k in (*_TENSOR_KEYS, "vocab_size", "eos_token_id", "max_length") if k not in state]
+        keys = ("indptr", "child_token", "child_node", "vocab_size", "eos_token_id", "num_identifiers", "max_length")
+        missing = [k for k in keys if k not in state]
         if missing:
             raise ArtifactError(f"saved TokenTrie lacks {missing}; re-save it with TokenTrie.state_dict()")
-        n = state["indptr"].numel() - 1
-        e = state["child_token"].numel()
+        indptr, child_token, child_node = state["indptr"], state["child_token"], state["child_node"]
+        edges = child_token.numel()
+        finished = child_node[child_node < 0]
         if (
-            n < 1
-            or state["leaf_of_node"].numel() != n
-            or state["child_node"].numel() != e
-            or int(state["indptr"][-1]) != e
+            indptr.numel() < 2
+            or child_node.numel() != edges
+            or int(indptr[-1]) != edges
+            or bool((indptr[1:] < indptr[:-1]).any())
+            or int(child_node.max()) >= indptr.numel() - 1
+            or finished.numel() != state["num_identifiers"]
+            or bool((finished > -2).any())
         ):
             raise ArtifactError(
-                "saved TokenTrie is corrupt: indptr, child_token, child_node and leaf_of_node "
-                "sizes disagree; rebuild it with TokenTrie.build()"
+                "saved TokenTrie is corrupt: indptr, child_token, child_node and num_identifiers disagree; "
+                "rebuild it with TokenTrie.build()"
             )
         return cls(
-            *(state[k] for k in _TENSOR_KEYS),
+            indptr,
+            child_token,
+            child_node,
             vocab_size=state["vocab_size"],
             eos_token_id=state["eos_token_id"],
+            num_identifiers=state["num_identifiers"],
             max_length=state["max_length"],
         )
 
+    # ------------------------------------------------------------------ internals
 
-# ---------------------------------------------------------------------- build helpers (numpy, host side)
+    def _slots_of(self, nodes: torch.Tensor) -> torch.Tensor:
+        """The edge slots of ``nodes``, concatenated in order."""
+        degree = self.degree[nodes].long()
+        first = torch.repeat_interleave(self.edge_start[nodes].long(), degree)
+        group_start = torch.repeat_interleave(torch.cumsum(degree, 0) - degree, degree)
+        return first + torch.arange(first.numel(), device=self.device) - group_start
+
+    def _edges_of(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(row, token)`` of every edge out of ``nodes``; ``row`` indexes ``nodes``."""
+        degree = self.degree[nodes].long()
+        rows = torch.repeat_interleave(torch.arange(nodes.numel(), device=self.device), degree)
+        return rows, self.child_token[self._slots_of(nodes)].long()
+
+    def _check_new(self, sequences: Sequence[Sequence[int]], flat: np.ndarray, offsets: np.ndarray) -> None:
+        """Raise before any change if a new sequence repeats an existing or another new identifier."""
+        seen: dict[tuple[int, ...], int] = {}
+        for i, sequence in enumerate(sequences):
+            previous = seen.setdefault(tuple(sequence), i)
+            if previous != i:
+                raise IdentifierError(f"duplicate identifiers: new indices {[previous, i]} are both {list(sequence)}")
+        lengths = np.diff(offsets)
+        padded = np.full((len(lengths), int(lengths.max())), -1, dtype=np.int64)
+        padded[np.arange(len(lengths)).repeat(lengths), np.arange(len(flat)) - offsets[:-1].repeat(lengths)] = flat
+        reached = self.identifier_of(self.walk(torch.from_numpy(padded).to(self.device)))
+        existing = torch.nonzero(reached >= 0).squeeze(1).tolist()
+        if existing:
+            i = existing[0]
+            raise IdentifierError(
+                f"duplicate identifiers: new sequence {i} {list(sequences[i])} is already identifier "
+                f"{int(reached[i])} ({len(existing)} new sequences already exist)"
+            )
+
+    def _new_nodes(self, count: int) -> torch.Tensor:
+        """Allocate ``count`` nodes without edges; returns their ids."""
+        first = self._num_nodes
+        needed = first + count
+        if needed > self.edge_start.numel():
+            grown = max(needed, 2 * self.edge_start.numel())
+            self.edge_start = _grow(self.edge_start, grown)
+            self.degree = _grow(self.degree, grown)
+            self.capacity = _grow(self.capacity, grown)
+        self.edge_start[first:needed] = 0
+        self.degree[first:needed] = 0
+        self.capacity[first:needed] = 0
+        self._num_nodes = needed
+        self._ensure_index_dtype(needed)
+        return torch.arange(first, needed, device=self.device)
+
+    def _add_edges(self, parents: torch.Tensor, tokens: torch.Tensor, children: torch.Tensor) -> None:
+        """Add edges, ``parents`` sorted; nodes whose slots are full move to a block twice the size."""
+        assert self.capacity is not None
+        nodes, counts = torch.unique_consecutive(parents, return_counts=True)
+        degree = self.degree[nodes].long()
+        needed = degree + counts
+        moving = needed > self.capacity[nodes].long()
+        if bool(moving.any()):
+            movers, kept = nodes[moving], degree[moving]
+            new_capacity = torch.clamp(2 ** torch.ceil(torch.log2(needed[moving].double())).long(), min=2)
+            new_start = self._num_edges + torch.cumsum(new_capacity, 0) - new_capacity
+            old_slots = self._slots_of(movers)
+            new_slots = torch.repeat_interleave(new_start, kept) + (
+                torch.arange(old_slots.numel(), device=self.device)
+                - torch.repeat_interleave(torch.cumsum(kept, 0) - kept, kept)
+            )
+            self._reserve_edges(self._num_edges + int(new_capacity.sum()))
+            self.child_token[new_slots] = self.child_token[old_slots]
+            self.child_node[new_slots] = self.child_node[old_slots]
+            self._num_edges += int(new_capacity.sum())
+            self._ensure_index_dtype(self._num_edges)
+            self.edge_start[movers] = new_start.to(self.edge_start.dtype)
+            self.capacity[movers] = new_capacity.to(self.capacity.dtype)
+        rank = torch.arange(parents.numel(), device=self.device) - torch.repeat_interleave(
+            torch.cumsum(counts, 0) - counts, counts
+        )
+        slots = self.edge_start[parents].long() + self.degree[parents].long() + rank
+        self.child_token[slots] = tokens.to(self.child_token.dtype)
+        self.child_node[slots] = children.to(self.child_node.dtype)
+        self.degree[nodes] += counts.to(self.degree.dtype)
+        self._sort_slots(nodes)
+        self._update_derived(nodes, parents, tokens)
+
+    def _sort_slots(self, nodes: torch.Tensor) -> None:
+        """Re-sort the edges of ``nodes`` by token (advance() binary-searches them)."""
+        slots = self._slots_of(nodes)
+        group = torch.repeat_interleave(torch.arange(nodes.numel(), device=self.device), self.degree[nodes].long())
+        order = torch.argsort(group * (self.vocab_size + 1) + self.child_token[slots].long())
+        self.child_token[slots] = self.child_token[slots[order]]
+        self.child_node[slots] = self.child_node[slots[order]]
+
+    def _update_derived(self, nodes: torch.Tensor, parents: torch.Tensor, tokens: torch.Tensor) -> None:
+        degree = self.degree[nodes].long()
+        self._search_steps = max(self._search_steps, int(degree.max()).bit_length())
+        if self._dense_nodes.numel():
+            slot = torch.searchsorted(self._dense_nodes, parents).clamp_(max=self._dense_nodes.numel() - 1)
+            hit = self._dense_nodes[slot] == parents
+            self._dense_rows[slot[hit] + 1, tokens[hit]] = False
+            node_slot = torch.searchsorted(self._dense_nodes, nodes).clamp_(max=self._dense_nodes.numel() - 1)
+            degree = degree.masked_fill(self._dense_nodes[node_slot] == nodes, 0)
+        self._sparse_width = max(self._sparse_width, int(degree.max()))
+
+    def _reserve_edges(self, needed: int) -> None:
+        if needed > self.child_token.numel():
+            grown = max(needed, 2 * self.child_token.numel())
+            self.child_token = _grow(self.child_token, grown)
+            self.child_node = _grow(self.child_node, grown)
+
+    def _ensure_index_dtype(self, size: int) -> None:
+        """Widen the int32 index arrays to int64 once the trie outgrows them."""
+        if _index_dtype(size) == torch.int64 and self.child_node.dtype != torch.int64:
+            for name in ("edge_start", "degree", "capacity", "child_node"):
+                setattr(self, name, getattr(self, name).long())
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _index_dtype(size: int) -> torch.dtype:
+    return torch.int32 if size < 2**31 - 1 else torch.int64
+
+
+def _token_dtype(vocab_size: int) -> torch.dtype:
+    return torch.int16 if vocab_size <= 2**15 - 1 else torch.int32
+
+
+def _grow(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    grown = torch.zeros(size, dtype=tensor.dtype, device=tensor.device)
+    grown[: tensor.numel()] = tensor
+    return grown
 
 
 def _flatten(sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -279,7 +557,7 @@ def _validate(flat: np.ndarray, offsets: np.ndarray, vocab_size: int, eos: int) 
     lengths = np.diff(offsets)
     if len(lengths) == 0:
         raise IdentifierError("no identifiers: cannot build a trie from an empty identifier set")
-    empty = np.flatnonzero(lengths == 0)
+    empty = np.flatnonzero(lengths <= 0)
     if len(empty):
         raise IdentifierError(f"identifier {empty[0]} is empty; every identifier must end with EOS ({eos})")
 
@@ -310,50 +588,55 @@ def _validate(flat: np.ndarray, offsets: np.ndarray, vocab_size: int, eos: int) 
         )
 
 
-def _build_csr(flat: np.ndarray, offsets: np.ndarray, vocab_size: int) -> tuple[np.ndarray, ...]:
-    """Level-by-level construction: the nodes at depth d + 1 are the distinct (node at depth d, token d).
+def _build_csr(flat: np.ndarray, offsets: np.ndarray, vocab_size: int, eos: int) -> tuple[np.ndarray, ...]:
+    """Level-by-level construction: the edges at depth d are the distinct (state at depth d, token d).
 
-    Returns ``indptr``, ``child_token`` and ``leaf_of_node``. ``np.unique`` sorts the (parent, token) keys,
-    so the children of each node come out contiguous and sorted, and nodes are numbered breadth first.
+    Returns ``indptr``, ``child_token`` and ``child_node``. ``np.unique`` sorts the (parent, token) keys and the
+    parents of one level are exactly the nodes created at the previous one, so concatenating the levels gives
+    edges sorted by parent, then token, with nodes numbered breadth first.
     """
     lengths = np.diff(offsets)
     order = np.argsort(-lengths, kind="stable")  # longest first: the sequences still going are a prefix
     starts = offsets[:-1][order]
     neg_sorted_lengths = -lengths[order]
-    node = np.zeros(len(order), dtype=np.int64)  # node of each sequence's prefix so far, in `order`
-    parents, tokens = [], []
+    state = np.zeros(len(order), dtype=np.int64)  # node of each sequence's prefix so far, in `order`
+    parents, tokens, children = [], [], []
     next_node = 1
     for depth in range(int(lengths.max())):
         active = int(np.searchsorted(neg_sorted_lengths, -depth, side="left"))  # lengths > depth
-        keys = node[:active] * vocab_size + flat[starts[:active] + depth]
-        unique_keys, inverse = np.unique(keys, return_inverse=True)
-        node[:active] = next_node + inverse.reshape(-1)
+        token = flat[starts[:active] + depth]
+        keys = state[:active] * vocab_size + token
+        unique_keys, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+        inverse = inverse.reshape(-1)
+        unique_tokens = unique_keys % vocab_size
+        is_end = unique_tokens == eos
+        if (counts[is_end] > 1).any():
+            _raise_duplicates(order[:active], inverse, np.flatnonzero(is_end & (counts > 1)), flat, offsets)
+        child = np.empty(len(unique_keys), dtype=np.int64)
+        n_inner = int((~is_end).sum())
+        child[~is_end] = np.arange(next_node, next_node + n_inner)
+        ends = token == eos
+        child[inverse[ends]] = -order[:active][ends] - 2
+        next_node += n_inner
+        state[:active] = child[inverse]
         parents.append(unique_keys // vocab_size)
-        tokens.append(unique_keys % vocab_size)
-        next_node += len(unique_keys)
-
-    leaf = np.empty_like(node)
-    leaf[order] = node  # every sequence ends at the leaf its EOS led to
-    _check_duplicates(leaf, flat, offsets)
+        tokens.append(unique_tokens)
+        children.append(child)
     edge_parent = np.concatenate(parents)
     indptr = np.zeros(next_node + 1, dtype=np.int64)
     np.cumsum(np.bincount(edge_parent, minlength=next_node), out=indptr[1:])
-    leaf_of_node = np.full(next_node, -1, dtype=np.int64)
-    leaf_of_node[leaf] = np.arange(len(leaf))
-    return indptr, np.concatenate(tokens), leaf_of_node
+    return indptr, np.concatenate(tokens), np.concatenate(children)
 
 
-def _check_duplicates(leaf: np.ndarray, flat: np.ndarray, offsets: np.ndarray, shown: int = 5) -> None:
-    """Raise IdentifierError naming the indices of identical sequences (they share a leaf)."""
-    order = np.argsort(leaf, kind="stable")
-    same_as_previous = leaf[order[1:]] == leaf[order[:-1]]
-    if not same_as_previous.any():
-        return
-    groups = []
-    for leaf_node in np.unique(leaf[order[1:]][same_as_previous])[:shown]:
-        indices = np.flatnonzero(leaf == leaf_node).tolist()
+def _raise_duplicates(
+    ids: np.ndarray, inverse: np.ndarray, groups: np.ndarray, flat: np.ndarray, offsets: np.ndarray, shown: int = 5
+) -> None:
+    """Raise IdentifierError naming the indices of identical sequences (they share an EOS edge)."""
+    described = []
+    for group in groups[:shown]:
+        indices = sorted(ids[inverse == group].tolist())
         i = indices[0]
-        groups.append(f"indices {indices} are all {flat[offsets[i] : offsets[i + 1]].tolist()}")
-    total = len(np.unique(leaf[order[1:]][same_as_previous]))
-    more = f" (and {total - shown} more groups)" if total > shown else ""
-    raise IdentifierError("duplicate identifiers: " + "; ".join(groups) + more)
+        listed = f"{indices[:10]}" if len(indices) <= 10 else f"{indices[:10]} (+{len(indices) - 10})"
+        described.append(f"indices {listed} are all {flat[offsets[i] : offsets[i + 1]].tolist()}")
+    more = f" (and {len(groups) - shown} more groups)" if len(groups) > shown else ""
+    raise IdentifierError("duplicate identifiers: " + "; ".join(described) + more)
