@@ -492,3 +492,55 @@ def test_hf_sampling_with_processor_stays_in_trie(model, hf_identifiers):
     for row in out[:, PROMPTS.shape[1] :].tolist():
         assert row[: row.index(HF_EOS) + 1] in hf_identifiers
         assert set(row[row.index(HF_EOS) + 1 :]) <= {HF_PAD}
+    processor.check()
+
+
+@st.composite
+def hf_identifier_sets(draw) -> list[list[int]]:
+    """Identifiers over a slice of the tiny model's vocabulary, some of them prefixes of others."""
+    bodies = draw(st.lists(st.lists(st.integers(3, 9), max_size=4), min_size=2, max_size=16, unique_by=tuple))
+    return [[*body, HF_EOS] for body in bodies]
+
+
+@settings(max_examples=12, deadline=None)
+@given(hf_identifier_sets(), st.integers(2, 5), st.booleans())
+def test_hf_processor_and_own_beam_search_agree_on_any_identifier_set(model, identifiers, num_beams, grow):
+    """Same model, same trie: generate() with the processor and gcr's beam search return the same ranking.
+
+    With ``grow`` the trie is built from half the set and the rest inserted, as a growing corpus would.
+    """
+    num_beams = min(num_beams, len(identifiers))
+    if grow:
+        trie = TokenTrie.build(identifiers[: len(identifiers) // 2], HF_VOCAB, HF_EOS)
+        trie.insert(identifiers[len(identifiers) // 2 :])
+    else:
+        trie = TokenTrie.build(identifiers, HF_VOCAB, HF_EOS)
+    hf_rows, hf_scores = hf_beam_search(model, trie, num_beams)
+    step, reorder = model_step_fn(model, num_beams)
+    own = constrained_beam_search(step, trie, len(PROMPTS), num_beams, reorder_fn=reorder)
+    for item in range(len(PROMPTS)):
+        assert all(row in identifiers for row in own.sequences[item])  # every decoded sequence is valid
+        assert own.sequences[item] == hf_rows[item]
+        assert [identifiers[i] for i in own.identifiers[item].tolist()] == own.sequences[item]
+    torch.testing.assert_close(own.scores.flatten(), hf_scores, rtol=1e-4, atol=1e-4)
+
+
+@FAST
+@given(identifier_sets(max_size=12), st.integers(0, 2**31))
+def test_inserted_identifier_is_found_by_decoding(identifiers, seed):
+    """A step function that prefers one new identifier above all: after insert() decoding must return it."""
+    *old, new = identifiers
+    if not old:
+        return
+    table = random_table(seed, 1, max(map(len, identifiers)))
+    previous = [VOCAB, *new[:-1]]
+    for t, (p, token) in enumerate(zip(previous, new)):
+        table[0, t, p, token] = 50.0  # far above any log-prob: `new` beats every other identifier
+    trie = TokenTrie.build(old, VOCAB, EOS)
+    before = constrained_beam_search(table_step_fn(table, 1), trie, 1, 1)
+    assert before.sequences[0] != [new]
+    assert trie.insert([new]) == range(len(old), len(old) + 1)
+    after = constrained_beam_search(table_step_fn(table, 1), trie, 1, 1)
+    assert after.sequences[0] == [new] and after.identifiers[0, 0] == len(old)
+    exhaustive = constrained_beam_search(table_step_fn(table, len(identifiers)), trie, 1, len(identifiers))
+    assert sorted(exhaustive.identifiers[0].tolist()) == list(range(len(identifiers)))
