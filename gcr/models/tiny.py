@@ -116,7 +116,16 @@ class TinyBackbone(GenerativeBackbone):
 
     def load_vision_tower(self, vision_state: dict) -> None:
         """Start the vision tower from trained CLIP vision weights (e.g. the dense baseline's)."""
-        self.model.model.vision_tower.load_state_dict(vision_state)
+        try:
+            self.model.model.vision_tower.load_state_dict(vision_state)
+        except RuntimeError as exc:
+            from gcr.errors import ConfigError
+
+            raise ConfigError(
+                "model.vision_init=dense needs the dense baseline's vision tower to have the tiny model's shape "
+                "(image_size, patch_size, vision_hidden_size, vision_layers in both model and dense configs); "
+                f"align them or set model.vision_init=random ({str(exc).splitlines()[0]})"
+            ) from exc
 
     def options(self) -> dict[str, Any]:
         return {"max_text_tokens": self.max_text_tokens}

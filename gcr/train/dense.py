@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from gcr.data.corpus import Corpus, RetrievalTask
+from gcr.data.corpus import Content, Corpus, RetrievalTask
 from gcr.features import encode_contents
 from gcr.models.dense import DualEncoder
+from gcr.progress import progress
 from gcr.train.metrics import RetrievalScorer
 
 
@@ -72,3 +74,56 @@ def evaluate_dense(
     metrics["queries_per_s"] = len(queries) / seconds if seconds else float("nan")
     return metrics
 
+
+
+def train_frozen_dense(
+    encoder,
+    corpus: Corpus,
+    *,
+    cache_dir: str,
+    max_epochs: int = 30,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> list[float]:
+    """Train the projections of a :class:`~gcr.models.frozen_dense.FrozenTowerDualEncoder` on the train pairs.
+
+    The frozen towers' features of every train caption and image are computed once (and cached), so each
+    epoch is only the projections. Returns the mean loss of each epoch.
+    """
+    from gcr.features import cached_features
+
+    images = corpus.split("train")
+    captions = [c for im in images for c in im.captions]
+    fingerprint = corpus.fingerprint()
+    text = cached_features(
+        encoder.towers, "pretrained", [c.caption_id for c in captions], [Content("text", c.text) for c in captions],
+        corpus_fingerprint=fingerprint, cache_dir=cache_dir, tag="train",
+    )
+    pixels = cached_features(
+        encoder.towers, "pretrained", [im.image_id for im in images], [Content("image", str(im.path)) for im in images],
+        corpus_fingerprint=fingerprint, cache_dir=cache_dir, tag="train",
+    )
+    text, pixels = torch.from_numpy(text), torch.from_numpy(pixels)
+    image_of_caption = torch.tensor([i for i, im in enumerate(images) for _ in im.captions])
+    optimizer = torch.optim.AdamW(
+        [p for n, p in encoder.named_parameters() if not n.startswith("towers.")], lr=lr, weight_decay=weight_decay
+    )
+    generator = torch.Generator().manual_seed(seed)
+    history = []
+    encoder.train()
+    for _ in progress(range(max_epochs), "dense projections"):
+        losses = []
+        for batch in torch.randperm(len(captions), generator=generator).split(batch_size):
+            # one caption per image in a batch, so no in-batch negative is a true match
+            _, first = np.unique(image_of_caption[batch].numpy(), return_index=True)
+            batch = batch[torch.from_numpy(first)]
+            loss = encoder.contrastive_loss(text[batch], pixels[image_of_caption[batch]])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+        history.append(sum(losses) / len(losses))
+    encoder.eval()
+    return history

@@ -25,20 +25,21 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from gcr.artifacts import load_tensors
+from gcr.artifacts import load_tensors, read_json
 from gcr.data.corpus import Corpus, retrieval_task
 from gcr.data.sources import load_dataset
 from gcr.errors import ArtifactError, ConfigError
 from gcr.features import cached_target_features
 from gcr.index import IdentifierIndex
+from gcr.models.base import BACKBONE_FILE
 from gcr.models.dense import DualEncoder
-from gcr.models.tiny import TinyBackbone
 from gcr.models.tokenizer import train_corpus_tokenizer
+from gcr.registry import BACKBONES
 from gcr.results import ResultRow, build_results, save_results
 from gcr.schemes import build_scheme
 from gcr.train.callbacks import ConstrainedDecoding, RetrievalEvaluation
 from gcr.train.datamodule import GenerativeDataModule
-from gcr.train.dense import DenseModule, evaluate_dense, pair_loader
+from gcr.train.dense import DenseModule, evaluate_dense, pair_loader, train_frozen_dense
 from gcr.train.module import GenerativeRetrievalModule
 
 log = logging.getLogger("gcr")
@@ -73,25 +74,31 @@ def _trainer(cfg: DictConfig, *, max_epochs: int, run_dir: Path | None, callback
 
 def _dense_dir(cfg: DictConfig, corpus: Corpus) -> Path:
     dense_cfg = OmegaConf.to_container(cfg.dense, resolve=True)
-    key = hashlib.sha256(json.dumps([dense_cfg, cfg.seed, cfg.model.vocab_size], sort_keys=True).encode())
+    key = hashlib.sha256(json.dumps([dense_cfg, cfg.seed], sort_keys=True).encode())
     return Path(cfg.cache_dir) / f"dense-{corpus.fingerprint()}-{key.hexdigest()[:10]}"
 
 
-def corpus_tokenizer(cfg: DictConfig, corpus: Corpus):
+def corpus_tokenizer(corpus: Corpus, vocab_size: int):
     """The word-piece tokenizer of the train captions (deterministic, so retraining is cheap)."""
-    return train_corpus_tokenizer((c.text for c in corpus.captions("train")), cfg.model.vocab_size)
+    return train_corpus_tokenizer((c.text for c in corpus.captions("train")), vocab_size)
 
 
-def dense_baseline(cfg: DictConfig, corpus: Corpus) -> tuple[DualEncoder, float]:
-    """Train (or load from the cache) the dense dual encoder; returns it and its train seconds."""
+def dense_baseline(cfg: DictConfig, corpus: Corpus):
+    """Train (or load from the cache) the dense baseline (``dense.type``); returns it and its train seconds."""
     directory = _dense_dir(cfg, corpus)
+    kind = cfg.dense.get("type", "clip")
+    if kind not in ("clip", "pretrained"):
+        raise ConfigError(f"unknown dense.type {kind!r}; choose clip (dense=clip_tiny) or pretrained (dense=pretrained)")
     if (directory / "done.json").exists():
         meta = json.loads((directory / "done.json").read_text())
-        return DualEncoder.from_pretrained(directory), float(meta["train_seconds"])
+        loader = DualEncoder if kind == "clip" else _frozen_dense_class()
+        return loader.from_pretrained(directory), float(meta["train_seconds"])
     d = cfg.dense
     L.seed_everything(cfg.seed, workers=True)
+    if kind == "pretrained":
+        return _frozen_dense(cfg, corpus, directory)
     encoder = DualEncoder(
-        corpus_tokenizer(cfg, corpus),
+        corpus_tokenizer(corpus, d.vocab_size),
         image_size=d.image_size,
         patch_size=d.patch_size,
         vision_hidden_size=d.vision_hidden_size,
@@ -99,7 +106,7 @@ def dense_baseline(cfg: DictConfig, corpus: Corpus) -> tuple[DualEncoder, float]
         text_hidden_size=d.text_hidden_size,
         text_layers=d.text_layers,
         embed_dim=d.embed_dim,
-        max_text_tokens=cfg.model.max_text_tokens,
+        max_text_tokens=d.max_text_tokens,
     )
     log.info("training the dense baseline (%d epochs)", d.max_epochs)
     start = time.perf_counter()
@@ -111,11 +118,36 @@ def dense_baseline(cfg: DictConfig, corpus: Corpus) -> tuple[DualEncoder, float]
     return encoder, seconds
 
 
-def _build_backbone(cfg: DictConfig, corpus: Corpus, dense: DualEncoder | None):
+def _frozen_dense_class():
+    from gcr.models.frozen_dense import FrozenTowerDualEncoder
+
+    return FrozenTowerDualEncoder
+
+
+def _frozen_dense(cfg: DictConfig, corpus: Corpus, directory: Path):
+    """Locked-tower tuning: frozen MiniLM + EfficientNet-Lite0, trained projections."""
+    d = cfg.dense
+    encoder = _frozen_dense_class()(embed_dim=int(d.embed_dim))
+    log.info("training the pretrained dense baseline's projections (%d epochs)", d.max_epochs)
+    start = time.perf_counter()
+    history = train_frozen_dense(
+        encoder, corpus, cache_dir=cfg.cache_dir, max_epochs=int(d.max_epochs), batch_size=int(d.batch_size),
+        lr=float(d.lr), weight_decay=float(d.weight_decay), seed=cfg.seed,
+    )
+    seconds = time.perf_counter() - start
+    log.info("dense projections: loss %.3f -> %.3f", history[0], history[-1])
+    encoder.save(directory)
+    (directory / "done.json").write_text(json.dumps({"train_seconds": seconds, "loss": history}))
+    return encoder, seconds
+
+
+def _build_backbone(cfg: DictConfig, corpus: Corpus, dense):
+    """``model.name`` from the backbone registry; every key but ``name``/``vision_init`` is a create() option."""
     options = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in ("name", "vision_init")}
-    if cfg.model.name != "tiny":
-        raise ConfigError(f"model {cfg.model.name!r} is not available yet; choose one of: tiny")
-    backbone = TinyBackbone.create(corpus, tokenizer=corpus_tokenizer(cfg, corpus), **options)
+    backbone_class = BACKBONES.get(cfg.model.name)
+    if cfg.model.name == "tiny":
+        options["tokenizer"] = corpus_tokenizer(corpus, cfg.model.vocab_size)
+    backbone = backbone_class.create(corpus, **options)
     if cfg.model.get("vision_init", "random") == "dense":
         if dense is None:
             raise ConfigError("model.vision_init=dense needs the dense baseline; set dense.enabled=true")
@@ -141,17 +173,28 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
     scheme_options = {k: v for k, v in OmegaConf.to_container(cfg.scheme, resolve=True).items() if k != "name"}
     build_scheme(cfg.scheme.name, seed=cfg.seed, **scheme_options)  # fail fast on unknown options
 
-    needs_dense = cfg.dense.enabled or cfg.model.get("vision_init") == "dense" or _scheme_needs_features(cfg)
+    needs_dense = (
+        cfg.dense.enabled
+        or cfg.model.get("vision_init") == "dense"
+        or (_scheme_needs_features(cfg) and cfg.features.encoder == "dense")
+    )
     dense, dense_seconds = dense_baseline(cfg, corpus) if needs_dense else (None, 0.0)
     rows: list[ResultRow] = []
     for direction in cfg.directions:
         task = retrieval_task(corpus, direction)
         if cfg.dense.enabled:
-            rows.append(ResultRow("dense", "dense", direction, evaluate_dense(dense, task, "test", tuple(cfg.eval.ks)), dense_seconds))
+            dense_name = "dense" if cfg.dense.get("type", "clip") == "clip" else f"dense-{cfg.dense.type}"
+            rows.append(ResultRow(dense_name, "dense", direction, evaluate_dense(dense, task, "test", tuple(cfg.eval.ks)), dense_seconds))
         rows.append(_fit_direction(cfg, corpus, task, dense, run_dir / direction, scheme_options))
     results = build_results(cfg, corpus, rows)
     save_results(results, run_dir)
     return results
+
+
+def _feature_encoder(name: str):
+    from gcr.encoders import build_feature_encoder
+
+    return build_feature_encoder(name)
 
 
 def _scheme_needs_features(cfg: DictConfig) -> bool:
@@ -165,9 +208,10 @@ def _fit_direction(cfg, corpus, task, dense, out_dir: Path, scheme_options) -> R
     scheme = build_scheme(cfg.scheme.name, seed=cfg.seed, **scheme_options)
     features = None
     if scheme.needs_features:
+        encoder = dense if cfg.features.encoder == "dense" else _feature_encoder(cfg.features.encoder)
         features = cached_target_features(
-            dense, "dense", task.targets, corpus_fingerprint=corpus.fingerprint(), cache_dir=cfg.cache_dir,
-            batch_size=cfg.features.batch_size,
+            encoder, cfg.features.encoder, task.targets, corpus_fingerprint=corpus.fingerprint(),
+            cache_dir=cfg.cache_dir, batch_size=cfg.features.batch_size,
         )
     t0 = time.perf_counter()
     assignments = scheme.fit(task.targets, features)
@@ -225,7 +269,7 @@ def evaluate(path: str | Path, overrides: DictConfig | None = None) -> dict[str,
         task = retrieval_task(corpus, direction)
         out_dir = run_dir / direction
         index = IdentifierIndex.load(out_dir, scheme=cfg.scheme.name, corpus_fingerprint=corpus.fingerprint(), direction=direction)
-        backbone = TinyBackbone.from_pretrained(out_dir / "backbone")
+        backbone = _load_backbone(out_dir / "backbone")
         if ckpt is not None:
             state = load_tensors(ckpt, what="checkpoint")["state_dict"]
             weights = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
@@ -241,6 +285,12 @@ def evaluate(path: str | Path, overrides: DictConfig | None = None) -> dict[str,
         rows.append(ResultRow(cfg.scheme.name, "generative", direction, dict(evaluation.results["test"]), None,
                               index=index.stats()))
     return build_results(cfg, corpus, rows)
+
+
+def _load_backbone(directory: Path):
+    """Reload a saved backbone with the class named in its ``backbone.json``."""
+    meta = read_json(directory / BACKBONE_FILE, what="backbone description")
+    return BACKBONES.get(meta.get("name", "tiny")).from_pretrained(directory)
 
 
 def _find_run_dir(path: Path) -> Path:
