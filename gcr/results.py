@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import time
@@ -97,9 +98,16 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def is_main_process() -> bool:
+    """False in the extra processes a multi-process (DDP) run starts: only rank 0 writes and prints results."""
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+
+
 def save_results(results: dict[str, Any], directory: str | Path) -> Path:
-    """Write ``results.json`` and ``results.md`` atomically into ``directory``."""
+    """Write ``results.json`` and ``results.md`` atomically into ``directory`` (rank 0 only)."""
     directory = Path(directory)
+    if not is_main_process():
+        return directory / "results.json"
     write_json(directory / "results.json", results)
     from gcr.artifacts import atomic_write
 
@@ -109,7 +117,9 @@ def save_results(results: dict[str, Any], directory: str | Path) -> Path:
 
 
 def print_table(results: dict[str, Any], title: str = "results") -> None:
-    """Print the results table with rich (plain Markdown when not a terminal)."""
+    """Print the results table with rich (plain Markdown when not a terminal); rank 0 only."""
+    if not is_main_process():
+        return
     from rich.console import Console
     from rich.table import Table
 

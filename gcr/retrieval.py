@@ -42,6 +42,7 @@ class ConstrainedRetriever:
         target_ids: Iterable[str] | None = None,
         *,
         num_beams: int = 10,
+        synced_gpus: bool = False,
     ):
         if index.token_ids is None:
             raise DecodingError("the index has no token ids; call index.tokenize(tokenizer) first")
@@ -59,6 +60,7 @@ class ConstrainedRetriever:
                 f"({len(backbone.tokenizer)}); re-tokenize the index with this model's tokenizer"
             )
         self.max_new_tokens = self.trie.max_length
+        self.synced_gpus = synced_gpus  # sharded weights (FSDP): ranks step generate() together
         # beam search cannot return more distinct identifiers than exist
         self.num_beams = max(1, min(num_beams, len(self.positions)))
 
@@ -86,6 +88,7 @@ class ConstrainedRetriever:
             logits_processor=LogitsProcessorList([processor]),
             num_beams=self.num_beams,
             max_new_tokens=self.max_new_tokens,
+            **({"synced_gpus": True} if self.synced_gpus else {}),
         )
         processor.check()
         identifiers = self._identifiers_of(tokens).view(len(contents), self.num_beams)

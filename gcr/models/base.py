@@ -111,11 +111,12 @@ class GenerativeBackbone(nn.Module):
         logits_processor: Any,
         num_beams: int,
         max_new_tokens: int,
+        synced_gpus: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Beam search under the processor: ``(new tokens (B*K, T), sequence scores (B*K,))``.
 
         Scores are summed log-probabilities (``length_penalty=0``), so rankings are comparable
-        across identifier lengths.
+        across identifier lengths. ``synced_gpus`` keeps ranks of a sharded model stepping together.
         """
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "position_ids")}
         out = self.model.generate(
@@ -132,6 +133,7 @@ class GenerativeBackbone(nn.Module):
             bos_token_id=self.tokenizer.bos_token_id,
             return_dict_in_generate=True,
             output_scores=True,
+            synced_gpus=synced_gpus,
         )
         prompt_len = batch["input_ids"].shape[1]
         return out.sequences[:, prompt_len:], out.sequences_scores

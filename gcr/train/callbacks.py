@@ -23,8 +23,15 @@ class ConstrainedDecoding(L.Callback):
             target_ids = [t.target_id for t in self.task.targets_of(split)]
             if target_ids:
                 pl_module.retrievers[split] = ConstrainedRetriever(
-                    pl_module.backbone, self.index, target_ids, num_beams=self.num_beams
+                    pl_module.backbone, self.index, target_ids, num_beams=self.num_beams,
+                    synced_gpus=trainer.world_size > 1 and _shards_parameters(trainer),
                 )
+
+
+def _shards_parameters(trainer: L.Trainer) -> bool:
+    """FSDP/DeepSpeed shard the weights: every rank must then run every generate() step together."""
+    name = type(trainer.strategy).__name__.lower()
+    return "fsdp" in name or "deepspeed" in name
 
 
 class RetrievalEvaluation(L.Callback):
@@ -41,7 +48,9 @@ class RetrievalEvaluation(L.Callback):
         return self._scorers[split]
 
     def _update(self, trainer, split, outputs, batch) -> None:
-        self._scorer(trainer, split).update(outputs.targets, [q.relevant for q in batch])
+        counted = getattr(batch, "counted", [True] * len(batch))
+        kept = [i for i, c in enumerate(counted) if c]  # drop queries repeated only to even out DDP shards
+        self._scorer(trainer, split).update([outputs.targets[i] for i in kept], [batch[i].relevant for i in kept])
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self._update(trainer, "val", outputs, batch)

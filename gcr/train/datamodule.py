@@ -6,14 +6,20 @@ Follows the standard generative-retrieval protocol:
   (train, val and test targets alike: the model must know every identifier);
 * *retrieval* examples: query -> identifier of each relevant target, train queries only;
 * evaluation: val/test queries, searched among the val/test targets.
+
+Under DDP/FSDP the evaluation queries are split into shards of equal length (so every rank runs the same
+number of ``generate()`` calls, which sharded models need); the few queries repeated to even out the shards
+are decoded but not scored, so metrics are those of one process.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from gcr.data.corpus import Content, Query, RetrievalTask
 from gcr.index import IdentifierIndex
@@ -34,6 +40,50 @@ def training_examples(task: RetrievalTask, index: IdentifierIndex, *, indexing: 
     for q in task.queries_of("train"):
         examples += [Example(q.content, tuple(ids[index.identifier_of(r)])) for r in q.relevant]
     return examples
+
+
+class EvalBatch(list):
+    """A batch of :class:`Query`; ``counted[i]`` is False for a query repeated only to even out shards."""
+
+    def __init__(self, queries: list[Query], counted: list[bool]):
+        super().__init__(queries)
+        self.counted = counted
+
+
+class EvenShardSampler(DistributedSampler):
+    """Deals indices round-robin to ranks, padding the last round so all shards have the same length.
+
+    Yields ``(index, counted)``: a padding entry repeats an early index with ``counted=False``. It subclasses
+    DistributedSampler so that Lightning keeps it as it is.
+    """
+
+    def __init__(self, size: int, num_replicas: int, rank: int):
+        self.size, self.num_replicas, self.rank = size, num_replicas, rank
+        self.num_samples = math.ceil(size / num_replicas)
+
+    def __iter__(self) -> Iterator[tuple[int, bool]]:
+        for position in range(self.rank, self.num_samples * self.num_replicas, self.num_replicas):
+            yield position % self.size, position < self.size
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def set_epoch(self, epoch: int) -> None:  # evaluation order is fixed
+        pass
+
+
+class _Queries:
+    """Map-style dataset over queries that also accepts ``(index, counted)`` keys."""
+
+    def __init__(self, queries: list[Query]):
+        self.queries = queries
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def __getitem__(self, key: int | tuple[int, bool]) -> tuple[Query, bool]:
+        index, counted = key if isinstance(key, tuple) else (key, True)
+        return self.queries[index], counted
 
 
 class GenerativeDataModule(L.LightningDataModule):
@@ -60,8 +110,8 @@ class GenerativeDataModule(L.LightningDataModule):
         return self.backbone.batch([e.content for e in batch], [e.target for e in batch])
 
     @staticmethod
-    def _collate_eval(batch: list[Query]) -> list[Query]:
-        return batch  # the retriever builds model inputs itself
+    def _collate_eval(batch: list[tuple[Query, bool]]) -> EvalBatch:
+        return EvalBatch([q for q, _ in batch], [c for _, c in batch])  # the retriever builds model inputs itself
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
@@ -73,10 +123,16 @@ class GenerativeDataModule(L.LightningDataModule):
         )
 
     def _eval_loader(self, split: str) -> DataLoader:
+        queries = _Queries(self.task.queries_of(split))
+        trainer = getattr(self, "trainer", None)
+        sampler = None
+        if trainer is not None and trainer.world_size > 1:
+            sampler = EvenShardSampler(len(queries), trainer.world_size, trainer.global_rank)
         return DataLoader(
-            self.task.queries_of(split),
+            queries,
             batch_size=self.eval_batch_size,
             shuffle=False,
+            sampler=sampler,
             collate_fn=self._collate_eval,
             num_workers=self.num_workers,
         )

@@ -53,10 +53,12 @@ warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_
 def _trainer(cfg: DictConfig, *, max_epochs: int, run_dir: Path | None, callbacks=(), loggers=False) -> L.Trainer:
     t = cfg.trainer
     every = int(t.check_val_every_n_epoch)
+    # A batch of text queries leaves the vision tower unused (and vice versa), which plain DDP rejects.
+    strategy = "ddp_find_unused_parameters_true" if t.strategy == "ddp" else t.strategy
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
-        strategy=t.strategy,
+        strategy=strategy,
         precision=t.precision,
         max_epochs=max_epochs,
         callbacks=list(callbacks),
@@ -113,8 +115,9 @@ def dense_baseline(cfg: DictConfig, corpus: Corpus):
     trainer = _trainer(cfg, max_epochs=int(d.max_epochs), run_dir=directory)
     trainer.fit(DenseModule(encoder, lr=d.lr, weight_decay=d.weight_decay), pair_loader(corpus, d.batch_size, cfg.seed))
     seconds = time.perf_counter() - start
-    encoder.save(directory)
-    (directory / "done.json").write_text(json.dumps({"train_seconds": seconds}))
+    if trainer.is_global_zero:  # under DDP every rank holds the same weights; one writes them
+        encoder.save(directory)
+        (directory / "done.json").write_text(json.dumps({"train_seconds": seconds}))
     return encoder, seconds
 
 
@@ -241,7 +244,8 @@ def _fit_direction(cfg, corpus, task, dense, out_dir: Path, scheme_options) -> R
     start = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None)
     train_seconds = time.perf_counter() - start
-    backbone.save(out_dir / "backbone")
+    if trainer.is_global_zero:
+        backbone.save(out_dir / "backbone")
     trainer.test(module, datamodule=data, verbose=False)
     metrics = dict(evaluation.results["test"])
     return ResultRow(cfg.scheme.name, "generative", task.direction, metrics, train_seconds,
