@@ -66,6 +66,7 @@ def _trainer(cfg: DictConfig, *, max_epochs: int, run_dir: Path | None, callback
         default_root_dir=str(run_dir) if run_dir else None,
         enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
         check_val_every_n_epoch=every if every > 0 else None,
+        limit_train_batches=t.get("limit_train_batches", 1.0),
         limit_val_batches=1.0 if every > 0 else 0,
         num_sanity_val_steps=0,
         log_every_n_steps=int(t.log_every_n_steps),
