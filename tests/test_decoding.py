@@ -150,6 +150,11 @@ def test_wide_nodes_get_dense_rows_and_agree_with_the_window():
     allowed = trie.allowed_mask(states)
     for row, first in zip(allowed, firsts):
         assert set(torch.nonzero(row).flatten().tolist()) == set(root[first])
+    mixed = torch.cat([torch.zeros(1, dtype=torch.long), states, torch.tensor([DEAD, finished_state(3)])])
+    scores = torch.randn(mixed.numel(), vocab)
+    sync_free = trie.mask_scores_(scores.clone(), mixed, sync_free=True)
+    assert torch.equal(sync_free, trie.mask_scores_(scores.clone(), mixed, sync_free=False))
+    assert torch.equal(sync_free.isfinite(), trie.allowed_mask(mixed))
     # insert grows a dense row and a sparse node alike
     new = [[firsts[0], 1, 2], [vocab - 1, vocab - 1, 2]] if (vocab - 1, vocab - 1, 2) not in identifiers else []
     trie.insert(new)
@@ -544,3 +549,17 @@ def test_inserted_identifier_is_found_by_decoding(identifiers, seed):
     assert after.sequences[0] == [new] and after.identifiers[0, 0] == len(old)
     exhaustive = constrained_beam_search(table_step_fn(table, len(identifiers)), trie, 1, len(identifiers))
     assert sorted(exhaustive.identifiers[0].tolist()) == list(range(len(identifiers)))
+
+
+@FAST
+@given(identifier_sets(), st.randoms(use_true_random=False))
+def test_both_masking_paths_agree(identifiers, rng):
+    """The host-sync-free path (accelerators) and the CPU path of mask_scores_ give the same scores."""
+    trie = TokenTrie.build(identifiers, VOCAB, EOS)
+    states = trie.walk(padded(prefixes_and_strays(identifiers, rng)))
+    scores = torch.randn(states.numel(), VOCAB + 2)
+    sync_free = trie.mask_scores_(scores.clone(), states, sync_free=True)
+    cpu = trie.mask_scores_(scores.clone(), states, sync_free=False)
+    assert torch.equal(sync_free, cpu)
+    assert torch.equal(sync_free[:, :VOCAB].isfinite(), trie.allowed_mask(states))
+    assert not sync_free[:, VOCAB:].isfinite().any()

@@ -82,7 +82,7 @@ def constrained_beam_search(
     best_scores = torch.full((B, K), neg_inf, device=device)
     best_ids = torch.full((B, K), -1, dtype=torch.long, device=device)
     best_tokens = torch.full((B, K, max_length), -1, dtype=torch.long, device=device)
-    mask_buffer = torch.empty(B * K, V + 1, dtype=torch.bool, device=device)
+    mask_buffer = torch.empty(B * K, V + 1, dtype=torch.bool, device=device) if device.type != "cpu" else None
     all_done = _LaggedFlag(device)
 
     for t in range(max_length):
@@ -92,7 +92,7 @@ def constrained_beam_search(
                 f"step_fn returned log-probs of shape {tuple(log_probs.shape)}, expected ({B * K}, >= {V})"
             )
         candidates = running.view(-1, 1) + log_probs[:, :V].float()
-        candidates.masked_fill_(trie.forbidden_mask(states.view(-1), out=mask_buffer), neg_inf)
+        trie.mask_scores_(candidates, states.view(-1), mask_buffer)
         candidates = candidates.view(B, K, V)
 
         # Finished: EOS candidates among this step's K best candidates.

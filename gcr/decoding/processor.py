@@ -134,24 +134,21 @@ class TrieLogitsProcessor(LogitsProcessor):
 
     def _mask(self, states: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         rows, V = states.numel(), self.trie.vocab_size
-        if self._buffer is None or self._buffer.shape[0] != rows or self._buffer.device != scores.device:
+        if scores.device.type != "cpu" and (
+            self._buffer is None or self._buffer.shape[0] != rows or self._buffer.device != scores.device
+        ):
             self._buffer = torch.empty(rows, V + 1, dtype=torch.bool, device=scores.device)
-        forbidden = self.trie.forbidden_mask(states, out=self._buffer)
         finished = TokenTrie.is_finished(states)
         off_trie = states == DEAD
-        ending = finished | off_trie
-        forbidden[:, self.eos_token_id] &= ~ending
-        if self.pad_token_id < V:
-            forbidden[:, self.pad_token_id] &= ~finished
-        padded_vocab = scores.shape[1] > V  # model vocab padded beyond the identifier vocab
-        pad_scores = scores[:, self.pad_token_id].clone() if self.pad_token_id >= V else None
+        eos_scores = scores[:, self.eos_token_id].clone()
+        pad_scores = scores[:, self.pad_token_id].clone()
         out = scores if self.inplace else scores.clone()
-        out[:, :V].masked_fill_(forbidden, float("-inf"))
-        if padded_vocab:
-            out[:, V:] = float("-inf")
-        if pad_scores is not None:
-            out[:, self.pad_token_id] = torch.where(finished, pad_scores, float("-inf"))
-        out[:, self.eos_token_id] = torch.where(off_trie, _OFF_TRIE_SCORE, out[:, self.eos_token_id])
+        self.trie.mask_scores_(out, states, self._buffer)
+        # A finished row may only continue with EOS or pad (what generate() appends); an off-trie row must end.
+        out[:, self.pad_token_id] = torch.where(finished, pad_scores, out[:, self.pad_token_id])
+        out[:, self.eos_token_id] = torch.where(
+            off_trie, _OFF_TRIE_SCORE, torch.where(finished, eos_scores, out[:, self.eos_token_id])
+        )
         count = off_trie.sum()
         self._off_trie_rows = count if self._off_trie_rows is None else self._off_trie_rows + count
         return out

@@ -271,33 +271,77 @@ class TokenTrie:
     def forbidden_mask(self, states: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, vocab_size)`` bool mask of the tokens that would leave the trie (all of them when not a node).
 
-        This is the form a logits processor needs (``scores.masked_fill_(mask, -inf)``). ``out``, a reusable
-        ``(B, vocab_size + 1)`` bool buffer, saves allocating and page-faulting a fresh mask every step; the
-        result is a view into it.
+        ``out``, a reusable ``(B, vocab_size + 1)`` bool buffer, saves allocating and page-faulting a fresh mask
+        every step; the result is a view into it.
         """
         states = states.long()
         rows = states.numel()
-        inner = states >= 0
-        node = states.clamp(min=0)
         if out is None:
             out = torch.empty(rows, self.vocab_size + 1, dtype=torch.bool, device=states.device)
         elif out.shape != (rows, self.vocab_size + 1) or out.dtype != torch.bool:
             raise ValueError(f"out must be a ({rows}, {self.vocab_size + 1}) bool tensor, got {tuple(out.shape)}")
+        is_dense, slot = self._dense_slots(states)
         if self._dense_nodes.numel():
-            slot = torch.searchsorted(self._dense_nodes, node).clamp_(max=self._dense_nodes.numel() - 1)
-            is_dense = inner & (self._dense_nodes[slot] == node)
             torch.index_select(self._dense_rows, 0, torch.where(is_dense, slot + 1, 0), out=out)
         else:
-            is_dense = torch.zeros_like(inner)
             out.fill_(True)
         if self._sparse_width:
-            offsets = torch.arange(self._sparse_width, device=states.device)
-            degree = torch.where(inner & ~is_dense, self.degree[node].long(), 0)
-            slots = (self.edge_start[node].long()[:, None] + offsets).clamp_(max=self.child_token.numel() - 1)
             # Slots past a node's degree scatter into the extra last column, which is cut off.
-            tokens = torch.where(offsets < degree[:, None], self.child_token[slots].long(), self.vocab_size)
-            out.scatter_(1, tokens, False)
+            out.scatter_(1, self._window(torch.where(is_dense, DEAD, states)), False)
         return out[:, : self.vocab_size]
+
+    def mask_scores_(
+        self,
+        scores: torch.Tensor,
+        states: torch.Tensor,
+        buffer: torch.Tensor | None = None,
+        *,
+        sync_free: bool | None = None,
+    ) -> torch.Tensor:
+        """Set ``scores[i, t]`` to -inf, in place, wherever token ``t`` would take beam ``i`` off the trie.
+
+        ``scores`` is ``(B, >= vocab_size)``; columns past ``vocab_size`` are all forbidden. The sync-free path
+        (the default on accelerators) is one ``masked_fill_`` with :meth:`forbidden_mask` (``buffer`` as its
+        ``out``). On the CPU, where reading a count back is free, it writes ``-inf`` everywhere in one streaming
+        fill and puts back only the allowed scores, which avoids reading a mask over the whole matrix.
+        """
+        neg_inf = float("-inf")
+        if sync_free is None:
+            sync_free = scores.device.type != "cpu"
+        if sync_free:
+            scores[:, : self.vocab_size].masked_fill_(self.forbidden_mask(states, out=buffer), neg_inf)
+            scores[:, self.vocab_size :] = neg_inf
+            return scores
+        states = states.long()
+        is_dense, slot = self._dense_slots(states)
+        sparse = torch.nonzero((states >= 0) & ~is_dense).squeeze(1)
+        dense = torch.nonzero(is_dense).squeeze(1)
+        tokens = self._window(states[sparse])  # padding slots hold vocab_size
+        valid = tokens < self.vocab_size
+        rows = sparse[:, None].expand_as(tokens)[valid]
+        tokens = tokens[valid]
+        kept = scores[rows, tokens]
+        dense_rows = scores[dense, : self.vocab_size].masked_fill(self._dense_rows[slot[dense] + 1, : self.vocab_size], neg_inf)
+        scores.fill_(neg_inf)
+        scores[rows, tokens] = kept
+        scores[dense, : self.vocab_size] = dense_rows
+        return scores
+
+    def _dense_slots(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which states are nodes with a dense row, and the row's index in ``_dense_nodes``."""
+        node = states.clamp(min=0)
+        if not self._dense_nodes.numel():
+            return torch.zeros_like(states, dtype=torch.bool), torch.zeros_like(node)
+        slot = torch.searchsorted(self._dense_nodes, node).clamp_(max=self._dense_nodes.numel() - 1)
+        return (states >= 0) & (self._dense_nodes[slot] == node), slot
+
+    def _window(self, states: torch.Tensor) -> torch.Tensor:
+        """``(B, sparse_width)`` child tokens of each node state, padded with ``vocab_size`` (none for others)."""
+        node = states.clamp(min=0)
+        offsets = torch.arange(self._sparse_width, device=states.device)
+        degree = torch.where(states >= 0, self.degree[node].long(), 0)
+        slots = (self.edge_start[node].long()[:, None] + offsets).clamp_(max=self.child_token.numel() - 1)
+        return torch.where(offsets < degree[:, None], self.child_token[slots].long(), self.vocab_size)
 
     def walk(self, prefixes: torch.Tensor, pad: int = -1) -> torch.Tensor:
         """State reached from the root by each row of ``prefixes`` ``(B, L)``.
