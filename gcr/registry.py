@@ -175,5 +175,6 @@ SCHEMES.register_lazy(
 )
 BACKBONES.register_lazy("tiny", "gcr.models.tiny:TinyBackbone", "LLaVA-style HF model from config, random init")
 BACKBONES.register_lazy("hf", "gcr.models.hf:HFBackbone", "any HF image-text-to-text checkpoint (hub name or folder), LoRA")
+BACKBONES.register_lazy("smol", "gcr.models.smol:SmolBackbone", "SmolLM2-135M + frozen EfficientNet-Lite0 + projector, offline, LoRA")
 DATASETS.register_lazy("shapes", "gcr.data.sources:load_shapes", "procedurally drawn scenes, generated locally")
 DATASETS.register_lazy("karpathy", "gcr.data.sources:load_karpathy_source", "Flickr30K / MS-COCO Karpathy JSON")
