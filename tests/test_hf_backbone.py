@@ -518,3 +518,10 @@ def test_gcr_fit_with_model_hf_trains_and_eval_reproduces(ckpt, tmp_path):
     assert (saved / "adapter_model.safetensors").is_file() and not list(saved.glob("*.bin"))
     again = evaluate(run_dir)
     assert again["rows"][0]["metrics"]["R@10"] == row["metrics"]["R@10"]
+    # the Lightning checkpoint keeps only what trains: the frozen base model is rebuilt from model.path
+    last = run_dir / "t2i" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True, map_location="cpu")
+    assert saved["gcr_frozen_keys"] and not set(saved["gcr_frozen_keys"]) & set(saved["state_dict"])
+    assert any("lora_" in k for k in saved["state_dict"])
+    from_ckpt = evaluate(last)
+    assert from_ckpt["rows"][0]["metrics"]["R@10"] == row["metrics"]["R@10"]

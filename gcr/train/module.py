@@ -32,6 +32,21 @@ class GenerativeRetrievalModule(L.LightningModule):
         self.retrievers: dict[str, object] = {}  # split -> ConstrainedRetriever, set by a callback
         self.retrieval_seconds = 0.0
         self.retrieval_queries = 0
+        self.strict_loading = False  # checkpoints hold the trained weights only (see on_save_checkpoint)
+
+    def frozen_keys(self) -> set[str]:
+        """State-dict keys of parameters that never train (a frozen pretrained LLM or vision tower)."""
+        return {name for name, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A frozen 135M-parameter LLM would otherwise be written into every checkpoint; it is rebuilt from the
+        # pretrained weights on load, so only what trains (and buffers) is kept.
+        frozen = self.frozen_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        checkpoint["gcr_frozen_keys"] = sorted(frozen)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_checkpoint_keys(set(checkpoint["state_dict"]), set(self.state_dict()), self.frozen_keys())
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.backbone(batch)
@@ -71,3 +86,18 @@ class GenerativeRetrievalModule(L.LightningModule):
             milestones=[warmup],
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def check_checkpoint_keys(saved: set[str], expected: set[str], frozen: set[str]) -> None:
+    """Raise ArtifactError unless ``saved`` is ``expected`` minus (some of) the frozen parameters."""
+    from gcr.errors import ArtifactError
+
+    unexpected = sorted(saved - expected)
+    missing = sorted(expected - saved - frozen)
+    if unexpected or missing:
+        raise ArtifactError(
+            "this checkpoint does not fit the run's backbone (another scheme, model or vocabulary?): "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}), {len(missing)} missing trained keys "
+            f"(e.g. {missing[:3]}); evaluate it with the run folder it was written in"
+        )
+

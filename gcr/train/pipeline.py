@@ -40,7 +40,7 @@ from gcr.schemes import build_scheme
 from gcr.train.callbacks import ConstrainedDecoding, RetrievalEvaluation
 from gcr.train.datamodule import GenerativeDataModule
 from gcr.train.dense import DenseModule, evaluate_dense, pair_loader, train_frozen_dense
-from gcr.train.module import GenerativeRetrievalModule
+from gcr.train.module import GenerativeRetrievalModule, check_checkpoint_keys
 
 log = logging.getLogger("gcr")
 # Noise that says nothing about a gcr run: a Lightning-internal deprecation, and a note that our
@@ -277,9 +277,10 @@ def evaluate(path: str | Path, overrides: DictConfig | None = None) -> dict[str,
         backbone = _load_backbone(out_dir / "backbone")
         if ckpt is not None:
             state = load_tensors(ckpt, what="checkpoint")["state_dict"]
-            weights = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+            module = GenerativeRetrievalModule(backbone)
+            check_checkpoint_keys(set(state), set(module.state_dict()), module.frozen_keys())
             try:
-                backbone.load_state_dict(weights)
+                module.load_state_dict(state, strict=False)
             except RuntimeError as exc:
                 raise ArtifactError(f"checkpoint {ckpt} does not fit this run's backbone ({exc})") from exc
         module = GenerativeRetrievalModule(backbone)
