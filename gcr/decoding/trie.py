@@ -302,8 +302,9 @@ class TokenTrie:
 
         ``scores`` is ``(B, >= vocab_size)``; columns past ``vocab_size`` are all forbidden. The sync-free path
         (the default on accelerators) is one ``masked_fill_`` with :meth:`forbidden_mask` (``buffer`` as its
-        ``out``). On the CPU, where reading a count back is free, it writes ``-inf`` everywhere in one streaming
-        fill and puts back only the allowed scores, which avoids reading a mask over the whole matrix.
+        ``out``). On the CPU, where reading a count back is free, a step with no beam at a dense node writes
+        ``-inf`` everywhere in one streaming fill and puts back only the allowed scores, which avoids reading a
+        mask over the whole matrix.
         """
         neg_inf = float("-inf")
         if sync_free is None:
@@ -314,17 +315,17 @@ class TokenTrie:
             return scores
         states = states.long()
         is_dense, slot = self._dense_slots(states)
-        sparse = torch.nonzero((states >= 0) & ~is_dense).squeeze(1)
-        dense = torch.nonzero(is_dense).squeeze(1)
+        if bool(is_dense.any()):
+            # Rows at wide nodes (the first steps): one in-place masked fill beats copying whole rows out and back.
+            return self.mask_scores_(scores, states, buffer, sync_free=True)
+        sparse = torch.nonzero(states >= 0).squeeze(1)
         tokens = self._window(states[sparse])  # padding slots hold vocab_size
         valid = tokens < self.vocab_size
         rows = sparse[:, None].expand_as(tokens)[valid]
         tokens = tokens[valid]
         kept = scores[rows, tokens]
-        dense_rows = scores[dense, : self.vocab_size].masked_fill(self._dense_rows[slot[dense] + 1, : self.vocab_size], neg_inf)
         scores.fill_(neg_inf)
         scores[rows, tokens] = kept
-        scores[dense, : self.vocab_size] = dense_rows
         return scores
 
     def _dense_slots(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
