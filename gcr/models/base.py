@@ -118,9 +118,8 @@ class GenerativeBackbone(nn.Module):
         Scores are summed log-probabilities (``length_penalty=0``), so rankings are comparable
         across identifier lengths. ``synced_gpus`` keeps ranks of a sharded model stepping together.
         """
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "position_ids")}
         out = self.model.generate(
-            **inputs,
+            **self.generation_inputs(batch),
             logits_processor=logits_processor,
             num_beams=num_beams,
             num_return_sequences=num_beams,
@@ -137,6 +136,10 @@ class GenerativeBackbone(nn.Module):
         )
         prompt_len = batch["input_ids"].shape[1]
         return out.sequences[:, prompt_len:], out.sequences_scores
+
+    def generation_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What ``generate()`` is given for a batch: the model inputs without training-only entries."""
+        return {k: v for k, v in batch.items() if k not in ("labels", "position_ids")}
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:

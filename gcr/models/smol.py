@@ -371,44 +371,14 @@ class SmolBackbone(GenerativeBackbone):
             use_cache=False,
         ).logits
 
-    @torch.no_grad()
-    def generate(
-        self,
-        batch: dict[str, torch.Tensor],
-        *,
-        logits_processor: Any,
-        num_beams: int,
-        max_new_tokens: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Beam search from the prompt embeddings: ``(new tokens (B*K, T), summed log-probs (B*K,))``."""
-        input_ids = batch["input_ids"]
-        out = self.model.generate(
-            input_ids=input_ids,
-            inputs_embeds=self.input_embeddings(batch),
-            attention_mask=batch["attention_mask"],
-            logits_processor=logits_processor,
-            num_beams=num_beams,
-            num_return_sequences=num_beams,
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            length_penalty=0.0,
-            early_stopping=False,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            bos_token_id=self.tokenizer.bos_token_id,
-            return_dict_in_generate=True,
-            output_scores=True,
-        )
-        prompt = self.prompt_length(batch)
-        sequences = out.sequences
-        if sequences.shape[1] < prompt or not torch.equal(
-            sequences[:, :prompt], input_ids.repeat_interleave(num_beams, dim=0)
-        ):
-            raise RuntimeError(
-                "generate() did not return the prompt ids in front of the new tokens (transformers changed how "
-                "inputs_embeds + input_ids are handled); the trie's prompt_length would be wrong"
-            )
-        return sequences[:, prompt:], out.sequences_scores
+    def generation_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Prompt ids *and* embeddings (images spliced in): generate() starts from the embeddings and keeps the
+        ids as the running sequence, so the trie processor sees the prompt columns."""
+        return {
+            "input_ids": batch["input_ids"],
+            "inputs_embeds": self.input_embeddings(batch),
+            "attention_mask": batch["attention_mask"],
+        }
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
