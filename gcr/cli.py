@@ -3,6 +3,8 @@
     gcr fit [key=value ...]            train + evaluate (config groups: scheme= data= model= trainer= ...)
     gcr fit -m scheme=atomic,hkmeans   a sweep: one run per combination, one table at the end
     gcr eval ckpt=PATH                 re-evaluate a run folder, direction folder or .ckpt
+    gcr bench NAME [key=value ...]     every run of configs/bench/NAME.yaml (or a YAML path), every seed:
+                                       one table (mean ± std over seeds), results.json, recall_at_k.png
     gcr schemes                        registered identifier schemes (built-in and plugins)
     gcr data shapes --out DIR -n N     generate the shapes corpus in Karpathy format
 
@@ -143,6 +145,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from gcr.bench import load_bench, run_bench
+
+    cdir = config_dir(args.config_dir)
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"gcr bench takes one bench name, then key=value overrides; got {bad}")
+    run_bench(load_bench(args.name, cdir), args.overrides, cdir)
+    return 0
+
+
 def cmd_schemes(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -184,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="re-evaluate a checkpoint or run folder: gcr eval ckpt=PATH")
     ev.add_argument("overrides", nargs="*")
     ev.set_defaults(func=cmd_eval)
+    bench = sub.add_parser("bench", help="compare the runs of a bench file: gcr bench baselines [key=value ...]")
+    bench.add_argument("name", help="a file in configs/bench/ (without .yaml) or the path of a bench YAML file")
+    bench.add_argument("overrides", nargs="*", help="key=value overrides applied to every run of the bench")
+    bench.add_argument("--config-dir", help="folder holding config.yaml, the config groups and bench/")
+    bench.set_defaults(func=cmd_bench)
     sc = sub.add_parser("schemes", help="list identifier schemes (built-in and plugins)")
     sc.set_defaults(func=cmd_schemes)
     data = sub.add_parser("data", help="generate a dataset")
