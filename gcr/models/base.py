@@ -103,6 +103,10 @@ class GenerativeBackbone(nn.Module):
         """Mean cross-entropy of the identifier tokens."""
         return self.model(**batch).loss
 
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Full (B, L, V) next-token logits of a batch (labels, if any, are not used)."""
+        return self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
     @torch.no_grad()
     def generate(
         self,
@@ -136,6 +140,29 @@ class GenerativeBackbone(nn.Module):
         )
         prompt_len = batch["input_ids"].shape[1]
         return out.sequences[:, prompt_len:], out.sequences_scores
+
+    @torch.no_grad()
+    def generate_text(
+        self, batch: dict[str, torch.Tensor], *, num_beams: int = 3, max_new_tokens: int = 32
+    ) -> list[str]:
+        """Unconstrained beam search (no trie): the best beam of each row, decoded without special tokens.
+
+        Used to describe inputs in free text (e.g. image captions); the prompt comes from :meth:`batch`.
+        """
+        out = self.model.generate(
+            **self.generation_inputs(batch),
+            num_beams=num_beams,
+            num_return_sequences=1,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            bos_token_id=self.tokenizer.bos_token_id,
+            return_dict_in_generate=True,
+        )
+        prompt_len = batch["input_ids"].shape[1]
+        texts = self.tokenizer.batch_decode(out.sequences[:, prompt_len:], skip_special_tokens=True)
+        return [t.strip() for t in texts]
 
     def generation_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What ``generate()`` is given for a batch: the model inputs without training-only entries."""

@@ -497,6 +497,10 @@ class HFBackbone(GenerativeBackbone):
         self._reset_rope_cache()
         return self.model(**batch).loss
 
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        self._reset_rope_cache()
+        return super().logits(batch)
+
     @torch.no_grad()
     def generate(self, batch, *, logits_processor, num_beams, max_new_tokens, **kwargs):
         """The base class's ``generate()`` (image inputs pass through to HF), after clearing cached RoPE deltas."""
@@ -508,6 +512,12 @@ class HFBackbone(GenerativeBackbone):
             max_new_tokens=max_new_tokens,
             **kwargs,
         )
+
+    @torch.no_grad()
+    def generate_text(self, batch, **kwargs) -> list[str]:
+        """Unconstrained decoding (captions), after clearing cached RoPE deltas like :meth:`generate`."""
+        self._reset_rope_cache()
+        return super().generate_text(batch, **kwargs)
 
     def _reset_rope_cache(self) -> None:
         """Drop multimodal-RoPE deltas a previous call cached (Qwen2-VL keeps them on the module)."""
