@@ -173,6 +173,9 @@ SCHEMES.register_lazy(
     "gcr.schemes.hkmeans:HierarchicalKMeansScheme",
     "DSI/GRACE structured ID: hierarchical K-Means path over target features",
 )
+SCHEMES.register_lazy(
+    "semcore", "gcr.schemes.semcore:SemcoreScheme", "SemCORE SID: K-Means cluster named in words + KeyBERT keywords"
+)
 BACKBONES.register_lazy("tiny", "gcr.models.tiny:TinyBackbone", "LLaVA-style HF model from config, random init")
 BACKBONES.register_lazy("hf", "gcr.models.hf:HFBackbone", "any HF image-text-to-text checkpoint (hub name or folder), LoRA")
 BACKBONES.register_lazy("smol", "gcr.models.smol:SmolBackbone", "SmolLM2-135M + frozen EfficientNet-Lite0 + projector, offline, LoRA")

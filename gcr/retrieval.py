@@ -30,6 +30,7 @@ class Retrieved:
     targets: list[list[str]]
     scores: list[list[float]]
     seconds: float
+    verified: Retrieved | None = None  # the same candidates re-ranked by GSV, when the module verifies
 
 
 class ConstrainedRetriever:

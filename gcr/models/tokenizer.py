@@ -18,12 +18,18 @@ from transformers import PreTrainedTokenizerFast
 #: Special tokens in id order. EOS is not id 2 on purpose: HF CLIP's text pooling treats
 #: eos_token_id == 2 as a legacy config and pools at the highest token id instead.
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>", "sep": "<ret>", "image": "<image>"}
+#: Always in the vocabulary, even when no caption uses them: natural-language identifiers (SemCORE, SSI)
+#: separate their fields with punctuation and number colliding identifiers with digits.
+RESERVED_WORDS = (*",;:|-", *"0123456789")
 
 
 def train_corpus_tokenizer(
     texts: Iterable[str], vocab_size: int = 1000, min_frequency: int = 1
 ) -> PreTrainedTokenizerFast:
-    """Lower-cased word-level tokenizer of the ``vocab_size`` most frequent words; the rest map to ``<unk>``."""
+    """Lower-cased word-level tokenizer of the ``vocab_size`` most frequent words; the rest map to ``<unk>``.
+
+    Special tokens and :data:`RESERVED_WORDS` come first and count towards ``vocab_size``.
+    """
     normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     counts = Counter(
@@ -31,7 +37,10 @@ def train_corpus_tokenizer(
     )
     specials = list(SPECIAL_TOKENS.values())
     words = sorted((w for w, n in counts.items() if n >= min_frequency and w not in specials), key=lambda w: (-counts[w], w))
-    vocab = {t: i for i, t in enumerate([*specials, *words[: max(0, vocab_size - len(specials))]])}
+    reserved = [w for w in RESERVED_WORDS if w not in specials]
+    words = [w for w in words if w not in reserved]
+    head = [*specials, *reserved]
+    vocab = {t: i for i, t in enumerate([*head, *words[: max(0, vocab_size - len(head))]])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk"]))
     tok.normalizer = normalizer
     tok.pre_tokenizer = pre_tokenizer

@@ -31,6 +31,9 @@ class IdentifierScheme(ABC):
     needs_features: ClassVar[bool] = False
     #: True when several targets may share one identifier (resolved by a suffix or by verification).
     shares_identifiers: ClassVar[bool] = False
+    #: True when identifiers are built from ``Target.text``: the pipeline then replaces it with a
+    #: leakage-free *description* (``description=heldout|generated``) before :meth:`fit`.
+    uses_descriptions: ClassVar[bool] = False
 
     def __init__(self, seed: int = 0, **options: Any):
         self.seed = seed  # set first: the error below lists config(), which reads it
@@ -54,6 +57,13 @@ class IdentifierScheme(ABC):
     def assign(self, targets: Sequence[Target], features: np.ndarray | None = None) -> list[str]:
         """Identifiers for *new* targets after :meth:`fit` (incremental indexing)."""
         raise NotImplementedError(f"scheme {self.name!r} does not support incremental indexing")
+
+    def bind_tokenizer(self, tokenizer: Any) -> None:
+        """Called before :meth:`fit` with the model's tokenizer.
+
+        Natural-language schemes use it to keep to words the tokenizer can spell (a word-level tokenizer
+        maps unknown words to ``<unk>``, which no identifier may contain). The default ignores it.
+        """
 
     def new_tokens(self) -> list[str]:
         """Tokens the model's vocabulary must gain; empty for natural-language identifiers."""

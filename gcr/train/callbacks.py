@@ -34,8 +34,15 @@ def _shards_parameters(trainer: L.Trainer) -> bool:
     return "fsdp" in name or "deepspeed" in name
 
 
+#: Suffix of the metrics computed after Generative Semantic Verification (``test+gsv``).
+VERIFIED = "+gsv"
+
+
 class RetrievalEvaluation(L.Callback):
-    """Accumulates ranked targets per query and logs ``{split}/R@K`` and ``{split}/MRR@10``."""
+    """Accumulates ranked targets per query and logs ``{split}/R@K`` and ``{split}/MRR@10``.
+
+    When the module verifies (GSV), the re-ranked lists are scored too, as ``{split}+gsv``.
+    """
 
     def __init__(self, ks: tuple[int, ...] = (1, 5, 10)):
         self.ks = tuple(ks)
@@ -50,7 +57,10 @@ class RetrievalEvaluation(L.Callback):
     def _update(self, trainer, split, outputs, batch) -> None:
         counted = getattr(batch, "counted", [True] * len(batch))
         kept = [i for i, c in enumerate(counted) if c]  # drop queries repeated only to even out DDP shards
-        self._scorer(trainer, split).update([outputs.targets[i] for i in kept], [batch[i].relevant for i in kept])
+        relevant = [batch[i].relevant for i in kept]
+        self._scorer(trainer, split).update([outputs.targets[i] for i in kept], relevant)
+        if outputs.verified is not None:  # the same queries after Generative Semantic Verification
+            self._scorer(trainer, split + VERIFIED).update([outputs.verified.targets[i] for i in kept], relevant)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self._update(trainer, "val", outputs, batch)
@@ -60,17 +70,20 @@ class RetrievalEvaluation(L.Callback):
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
         pl_module.retrieval_seconds, pl_module.retrieval_queries = 0.0, 0
+        pl_module.verification_seconds = 0.0
 
     def _finish(self, trainer, pl_module, split: str) -> None:
-        scorer = self._scorers.pop(split, None)
-        if scorer is None or trainer.sanity_checking:
-            return
-        metrics = scorer.compute()
-        if split == "test" and pl_module.retrieval_seconds > 0:
-            metrics["queries_per_s"] = pl_module.retrieval_queries / pl_module.retrieval_seconds
-        self.results[split] = metrics
-        for name, value in metrics.items():
-            pl_module.log(f"{split}/{name}", value, sync_dist=False, prog_bar=name == "R@1")
+        for key in (split, split + VERIFIED):
+            scorer = self._scorers.pop(key, None)
+            if scorer is None or trainer.sanity_checking:
+                continue
+            metrics = scorer.compute()
+            seconds = pl_module.retrieval_seconds + (pl_module.verification_seconds if key != split else 0.0)
+            if split == "test" and seconds > 0:
+                metrics["queries_per_s"] = pl_module.retrieval_queries / seconds
+            self.results[key] = metrics
+            for name, value in metrics.items():
+                pl_module.log(f"{key}/{name}", value, sync_dist=False, prog_bar=name == "R@1")
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         self._finish(trainer, pl_module, "val")

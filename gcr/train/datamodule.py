@@ -15,6 +15,7 @@ are decoded but not scored, so metrics are those of one process.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -99,15 +100,32 @@ class GenerativeDataModule(L.LightningDataModule):
         eval_batch_size: int = 64,
         indexing: bool = True,
         num_workers: int = 0,
+        verifier=None,
+        verification_pairs: list | None = None,
+        pairs_per_step: int = 16,
+        seed: int = 0,
     ):
         super().__init__()
         self.task, self.index, self.backbone = task, index, backbone
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.indexing, self.num_workers = indexing, num_workers
         self.examples = training_examples(task, index, indexing=indexing)
+        # GSV: every training batch also carries `pairs_per_step` (image, positive, hard negative) triples
+        self.verifier, self.verification_pairs = verifier, list(verification_pairs or [])
+        self.pairs_per_step = int(pairs_per_step)
+        self._rng = random.Random(seed)
 
     def _collate_train(self, batch: list[Example]):
-        return self.backbone.batch([e.content for e in batch], [e.target for e in batch])
+        ids = self.backbone.batch([e.content for e in batch], [e.target for e in batch])
+        if self.verifier is None or not self.verification_pairs:
+            return ids
+        pairs = self._rng.sample(self.verification_pairs, min(self.pairs_per_step, len(self.verification_pairs)))
+        images = [p.image for p in pairs]
+        return {
+            "ids": ids,
+            "gsv_pos": self.verifier.batch(images, [p.positive for p in pairs]),
+            "gsv_neg": self.verifier.batch(images, [p.negative for p in pairs]),
+        }
 
     @staticmethod
     def _collate_eval(batch: list[tuple[Query, bool]]) -> EvalBatch:

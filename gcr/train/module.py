@@ -9,10 +9,13 @@ to :class:`~gcr.train.callbacks.RetrievalEvaluation`.
 
 from __future__ import annotations
 
+import time
+
 import lightning as L
 import torch
 
 from gcr.data.corpus import Query
+from gcr.retrieval import Retrieved
 
 
 class GenerativeRetrievalModule(L.LightningModule):
@@ -25,9 +28,16 @@ class GenerativeRetrievalModule(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.05,
+        verifier=None,
+        gsv_loss_weight: float = 1.0,
     ):
         super().__init__()
         self.backbone = backbone
+        # GSV (gcr.verification.GenerativeVerifier): trained on the batches' "gsv_pos"/"gsv_neg" pairs, and
+        # re-ranks each evaluation query's candidates; it shares the backbone's weights (no parameters of its own).
+        self.verifier = verifier
+        self.gsv_loss_weight = float(gsv_loss_weight)
+        self.verification_seconds = 0.0
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
         self.retrievers: dict[str, object] = {}  # split -> ConstrainedRetriever, set by a callback
         self.retrieval_seconds = 0.0
@@ -48,9 +58,18 @@ class GenerativeRetrievalModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_checkpoint_keys(set(checkpoint["state_dict"]), set(self.state_dict()), self.frozen_keys())
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.backbone(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if "ids" not in batch:
+            loss = self.backbone(batch)
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+            return loss
+        size = batch["ids"]["input_ids"].shape[0]
+        id_loss = self.backbone(batch["ids"])
+        gsv_loss = self.verifier.loss(batch["gsv_pos"], batch["gsv_neg"])
+        loss = id_loss + self.gsv_loss_weight * gsv_loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/id_loss", id_loss, batch_size=size)
+        self.log("train/gsv_loss", gsv_loss, prog_bar=True, batch_size=size)
         return loss
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
@@ -62,9 +81,16 @@ class GenerativeRetrievalModule(L.LightningModule):
         retriever = self.retrievers.get(split)
         if retriever is None:
             raise RuntimeError(f"no retriever for split {split!r}: add the ConstrainedDecoding callback")
-        result = retriever([q.content for q in queries])
+        contents = [q.content for q in queries]
+        result = retriever(contents)
         self.retrieval_seconds += result.seconds
         self.retrieval_queries += len(queries)
+        if self.verifier is not None:
+            start = time.perf_counter()
+            targets, scores = self.verifier.rerank(contents, result.targets, result.scores)
+            seconds = time.perf_counter() - start
+            self.verification_seconds += seconds
+            result.verified = Retrieved(targets, scores, result.seconds + seconds)
         return result
 
     def validation_step(self, batch: list[Query], batch_idx: int):

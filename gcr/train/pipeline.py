@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from gcr.artifacts import load_tensors, read_json
 from gcr.data.corpus import Corpus, retrieval_task
 from gcr.data.sources import load_dataset
+from gcr.descriptions import check_source, describe_targets, evaluation_task
 from gcr.errors import ArtifactError, ConfigError
 from gcr.features import cached_target_features
 from gcr.index import IdentifierIndex
@@ -77,6 +78,7 @@ def _trainer(cfg: DictConfig, *, max_epochs: int, run_dir: Path | None, callback
 
 def _dense_dir(cfg: DictConfig, corpus: Corpus) -> Path:
     dense_cfg = OmegaConf.to_container(cfg.dense, resolve=True)
+    dense_cfg.pop("enabled", None)  # whether the row is shown does not change the model
     key = hashlib.sha256(json.dumps([dense_cfg, cfg.seed], sort_keys=True).encode())
     return Path(cfg.cache_dir) / f"dense-{corpus.fingerprint()}-{key.hexdigest()[:10]}"
 
@@ -175,24 +177,35 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     corpus = load_dataset(cfg.data)
     scheme_options = {k: v for k, v in OmegaConf.to_container(cfg.scheme, resolve=True).items() if k != "name"}
-    build_scheme(cfg.scheme.name, seed=cfg.seed, **scheme_options)  # fail fast on unknown options
+    probe = build_scheme(cfg.scheme.name, seed=cfg.seed, **scheme_options)  # fail fast on unknown options
+    check_source(cfg.description.source)
 
     needs_dense = (
         cfg.dense.enabled
         or cfg.model.get("vision_init") == "dense"
-        or (_scheme_needs_features(cfg) and cfg.features.encoder == "dense")
+        or (probe.needs_features and cfg.features.encoder == "dense")
     )
     dense, dense_seconds = dense_baseline(cfg, corpus) if needs_dense else (None, 0.0)
     rows: list[ResultRow] = []
+    if cfg.dense.enabled:
+        rows += dense_rows(cfg, corpus, dense, dense_seconds)
     for direction in cfg.directions:
-        task = retrieval_task(corpus, direction)
-        if cfg.dense.enabled:
-            dense_name = "dense" if cfg.dense.get("type", "clip") == "clip" else f"dense-{cfg.dense.type}"
-            rows.append(ResultRow(dense_name, "dense", direction, evaluate_dense(dense, task, "test", tuple(cfg.eval.ks)), dense_seconds))
-        rows.append(_fit_direction(cfg, corpus, task, dense, run_dir / direction, scheme_options))
+        task = _evaluation_task(cfg, corpus, direction)
+        rows += _fit_direction(cfg, corpus, task, dense, run_dir / direction, scheme_options)
     results = build_results(cfg, corpus, rows)
     save_results(results, run_dir)
     return results
+
+
+def dense_rows(cfg: DictConfig, corpus: Corpus, dense, train_seconds: float) -> list[ResultRow]:
+    """The dense baseline scored on every direction's test split (``dense`` or ``dense-<type>`` rows)."""
+    name = "dense" if cfg.dense.get("type", "clip") == "clip" else f"dense-{cfg.dense.type}"
+    return [
+        ResultRow(name, "dense", direction,
+                  evaluate_dense(dense, _evaluation_task(cfg, corpus, direction), "test", tuple(cfg.eval.ks)),
+                  train_seconds, seed=int(cfg.seed))
+        for direction in cfg.directions
+    ]
 
 
 def _feature_encoder(name: str):
@@ -201,15 +214,47 @@ def _feature_encoder(name: str):
     return build_feature_encoder(name)
 
 
-def _scheme_needs_features(cfg: DictConfig) -> bool:
-    from gcr.registry import SCHEMES
+def _evaluation_task(cfg: DictConfig, corpus: Corpus, direction: str):
+    """The direction's task as every method of the run is scored on it (``description=heldout`` drops queries)."""
+    d = cfg.description
+    return evaluation_task(retrieval_task(corpus, direction), corpus, d.source, heldout_caption=int(d.heldout_caption))
 
-    return bool(getattr(SCHEMES.get(cfg.scheme.name), "needs_features", False))
+
+def _described(cfg: DictConfig, corpus: Corpus, task, dense):
+    """``task`` with leakage-free target descriptions (``description.source``) for text-built identifiers."""
+    d = cfg.description
+    captions = None
+    if d.source == "generated" and task.direction == "t2i":
+        from gcr.train.captioner import generated_captions
+
+        captions = generated_captions(cfg, corpus, lambda c: _build_backbone(cfg, c, dense))
+    return describe_targets(task, corpus, d.source, heldout_caption=int(d.heldout_caption), captions=captions)
 
 
-def _fit_direction(cfg, corpus, task, dense, out_dir: Path, scheme_options) -> ResultRow:
+def _verifier(cfg: DictConfig, task, index, backbone):
+    """GSV (``gsv.enabled``): the verifier and its (image, caption, hard negative) training triples."""
+    if not cfg.gsv.enabled:
+        return None, []
+    from gcr.verification import GenerativeVerifier, hard_negative_pairs
+
+    g = cfg.gsv
+    verifier = GenerativeVerifier(
+        backbone, {t.target_id: t.content for t in task.targets}, weight=float(g.weight), top_k=int(g.top_k),
+        marker=str(g.marker), batch_size=int(cfg.eval.batch_size),
+    )
+    token_ids = {t.target_id: index.token_ids[index.identifier_of(t.target_id)] for t in task.targets}
+    return verifier, hard_negative_pairs(task, token_ids)
+
+
+def _fit_direction(cfg, corpus, task, dense, out_dir: Path, scheme_options) -> list[ResultRow]:
     L.seed_everything(cfg.seed, workers=True)
     scheme = build_scheme(cfg.scheme.name, seed=cfg.seed, **scheme_options)
+    backbone = _build_backbone(cfg, corpus, dense)
+    scheme.bind_tokenizer(backbone.tokenizer)
+    if scheme.uses_descriptions:
+        task = _described(cfg, corpus, task, dense)
+        L.seed_everything(cfg.seed, workers=True)  # the same weights whether or not a captioner trained first
+        backbone = _build_backbone(cfg, corpus, dense)
     features = None
     if scheme.needs_features:
         encoder = dense if cfg.features.encoder == "dense" else _feature_encoder(cfg.features.encoder)
@@ -224,15 +269,19 @@ def _fit_direction(cfg, corpus, task, dense, out_dir: Path, scheme_options) -> R
         direction=task.direction, corpus_fingerprint=corpus.fingerprint(),
     )
     index_seconds = time.perf_counter() - t0
-    backbone = _build_backbone(cfg, corpus, dense)
     backbone.add_identifier_tokens(scheme.new_tokens())
     index.tokenize(backbone.tokenizer)
     index.save(out_dir)
 
+    verifier, pairs = _verifier(cfg, task, index, backbone)
     module = GenerativeRetrievalModule(
-        backbone, lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, warmup_ratio=cfg.trainer.warmup_ratio
+        backbone, lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, warmup_ratio=cfg.trainer.warmup_ratio,
+        verifier=verifier, gsv_loss_weight=float(cfg.gsv.loss_weight),
     )
-    data = GenerativeDataModule(task, index, backbone, batch_size=cfg.trainer.batch_size, eval_batch_size=cfg.eval.batch_size)
+    data = GenerativeDataModule(
+        task, index, backbone, batch_size=cfg.trainer.batch_size, eval_batch_size=cfg.eval.batch_size,
+        verifier=verifier, verification_pairs=pairs, pairs_per_step=int(cfg.gsv.pairs_per_step), seed=int(cfg.seed),
+    )
     evaluation = RetrievalEvaluation(tuple(cfg.eval.ks))
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0)
     callbacks = [ConstrainedDecoding(task, index, num_beams=cfg.decoding.num_beams), evaluation, checkpoints]
@@ -248,9 +297,22 @@ def _fit_direction(cfg, corpus, task, dense, out_dir: Path, scheme_options) -> R
     if trainer.is_global_zero:
         backbone.save(out_dir / "backbone")
     trainer.test(module, datamodule=data, verbose=False)
-    metrics = dict(evaluation.results["test"])
-    return ResultRow(cfg.scheme.name, "generative", task.direction, metrics, train_seconds,
-                     index={**index.stats(), "build_seconds": index_seconds})
+    stats = {**index.stats(), "build_seconds": index_seconds}
+    if scheme.uses_descriptions:
+        stats["description"] = cfg.description.source
+    return _rows(cfg, task.direction, evaluation.results, train_seconds, stats)
+
+
+def _rows(cfg: DictConfig, direction: str, results: dict, train_seconds, stats: dict) -> list[ResultRow]:
+    """The test row, and the ``+gsv`` row when verification re-ranked the same candidates."""
+    from gcr.train.callbacks import VERIFIED
+
+    method, seed = cfg.scheme.name, int(cfg.seed)
+    rows = [ResultRow(method, "generative", direction, dict(results["test"]), train_seconds, index=stats, seed=seed)]
+    if "test" + VERIFIED in results:
+        rows.append(ResultRow(method + VERIFIED, "generative", direction, dict(results["test" + VERIFIED]),
+                              train_seconds, index=stats, seed=seed))
+    return rows
 
 
 # -- eval ---------------------------------------------------------------------------------------
@@ -271,7 +333,7 @@ def evaluate(path: str | Path, overrides: DictConfig | None = None) -> dict[str,
         directions = list(cfg.directions)
     rows = []
     for direction in directions:
-        task = retrieval_task(corpus, direction)
+        task = _evaluation_task(cfg, corpus, direction)
         out_dir = run_dir / direction
         index = IdentifierIndex.load(out_dir, scheme=cfg.scheme.name, corpus_fingerprint=corpus.fingerprint(), direction=direction)
         backbone = _load_backbone(out_dir / "backbone")
@@ -283,13 +345,13 @@ def evaluate(path: str | Path, overrides: DictConfig | None = None) -> dict[str,
                 module.load_state_dict(state, strict=False)
             except RuntimeError as exc:
                 raise ArtifactError(f"checkpoint {ckpt} does not fit this run's backbone ({exc})") from exc
-        module = GenerativeRetrievalModule(backbone)
+        verifier, _ = _verifier(cfg, task, index, backbone)
+        module = GenerativeRetrievalModule(backbone, verifier=verifier)
         data = GenerativeDataModule(task, index, backbone, eval_batch_size=cfg.eval.batch_size)
         evaluation = RetrievalEvaluation(tuple(cfg.eval.ks))
         callbacks = [ConstrainedDecoding(task, index, num_beams=cfg.decoding.num_beams), evaluation]
         _trainer(cfg, max_epochs=1, run_dir=None, callbacks=callbacks).test(module, datamodule=data, verbose=False)
-        rows.append(ResultRow(cfg.scheme.name, "generative", direction, dict(evaluation.results["test"]), None,
-                              index=index.stats()))
+        rows += _rows(cfg, direction, evaluation.results, None, index.stats())
     return build_results(cfg, corpus, rows)
 
 
