@@ -43,6 +43,11 @@ def heldout_captions(corpus: Corpus, position: int = -1) -> dict[str, str]:
                 f"image {im.image_id!r} has {len(im.captions)} caption(s); description=heldout needs at least two "
                 "(one describes the image, the others are its queries); use description=generated"
             )
+        if not -len(im.captions) <= position < len(im.captions):
+            raise ConfigError(
+                f"description.heldout_caption={position} does not exist for image {im.image_id!r}, which has "
+                f"{len(im.captions)} captions; use -1 (the last caption) or 0 (the first)"
+            )
         held[im.image_id] = im.captions[position].caption_id
     return held
 

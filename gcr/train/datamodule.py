@@ -113,7 +113,14 @@ class GenerativeDataModule(L.LightningDataModule):
         # GSV: every training batch also carries `pairs_per_step` (image, positive, hard negative) triples
         self.verifier, self.verification_pairs = verifier, list(verification_pairs or [])
         self.pairs_per_step = int(pairs_per_step)
+        self.seed = int(seed)
         self._rng = random.Random(seed)
+
+    def setup(self, stage: str) -> None:
+        # every DDP rank draws its own GSV triples (the same draws on every rank would waste the extra data)
+        trainer = getattr(self, "trainer", None)
+        rank = trainer.global_rank if trainer is not None else 0
+        self._rng = random.Random(self.seed * 1_000_003 + rank)
 
     def _collate_train(self, batch: list[Example]):
         ids = self.backbone.batch([e.content for e in batch], [e.target for e in batch])
