@@ -104,12 +104,14 @@ class GenerativeDataModule(L.LightningDataModule):
         verification_pairs: list | None = None,
         pairs_per_step: int = 16,
         seed: int = 0,
+        extra_examples: list[Example] | None = None,
     ):
         super().__init__()
         self.task, self.index, self.backbone = task, index, backbone
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.indexing, self.num_workers = indexing, num_workers
-        self.examples = training_examples(task, index, indexing=indexing)
+        # extra_examples: e.g. caption-enhanced pseudo-queries (a generated caption -> its image's identifier)
+        self.examples = training_examples(task, index, indexing=indexing) + list(extra_examples or [])
         # GSV: every training batch also carries `pairs_per_step` (image, positive, hard negative) triples
         self.verifier, self.verification_pairs = verifier, list(verification_pairs or [])
         self.pairs_per_step = int(pairs_per_step)

@@ -231,6 +231,25 @@ def _described(cfg: DictConfig, corpus: Corpus, task, dense):
     return describe_targets(task, corpus, d.source, heldout_caption=int(d.heldout_caption), captions=captions)
 
 
+def _caption_queries(cfg: DictConfig, corpus: Corpus, task, index, dense) -> list:
+    """CART's caption-enhanced training queries: each image target's generated caption -> its identifier.
+
+    The captions come from the ``description`` captioner (trained on the train split only), so test images
+    gain pseudo-queries without any test caption being read. Text-to-image only (image queries cannot be made).
+    """
+    if not cfg.augment.caption_queries or task.direction != "t2i":
+        return []
+    from gcr.data.corpus import Content
+    from gcr.train.captioner import generated_captions
+    from gcr.train.datamodule import Example
+
+    captions = generated_captions(cfg, corpus, lambda c: _build_backbone(cfg, c, dense))
+    return [
+        Example(Content.text(captions[t.target_id]), tuple(index.token_ids[index.identifier_of(t.target_id)]))
+        for t in task.targets if captions.get(t.target_id, "").strip()
+    ]
+
+
 def _verifier(cfg: DictConfig, task, index, backbone):
     """GSV (``gsv.enabled``): the verifier and its (image, caption, hard negative) training triples."""
     if not cfg.gsv.enabled:
@@ -281,6 +300,7 @@ def _fit_direction(cfg, corpus, task, dense, out_dir: Path, scheme_options) -> l
     data = GenerativeDataModule(
         task, index, backbone, batch_size=cfg.trainer.batch_size, eval_batch_size=cfg.eval.batch_size,
         verifier=verifier, verification_pairs=pairs, pairs_per_step=int(cfg.gsv.pairs_per_step), seed=int(cfg.seed),
+        extra_examples=_caption_queries(cfg, corpus, task, index, dense),
     )
     evaluation = RetrievalEvaluation(tuple(cfg.eval.ks))
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0)
