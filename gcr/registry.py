@@ -176,8 +176,13 @@ SCHEMES.register_lazy(
 SCHEMES.register_lazy(
     "semcore", "gcr.schemes.semcore:SemcoreScheme", "SemCORE SID: K-Means cluster named in words + KeyBERT keywords"
 )
+SCHEMES.register_lazy(
+    "cart", "gcr.schemes.cart:CartScheme", "CART coarse-to-fine ID: K-Means coarse token + RQ-VAE fine tokens + unique token"
+)
 BACKBONES.register_lazy("tiny", "gcr.models.tiny:TinyBackbone", "LLaVA-style HF model from config, random init")
 BACKBONES.register_lazy("hf", "gcr.models.hf:HFBackbone", "any HF image-text-to-text checkpoint (hub name or folder), LoRA")
 BACKBONES.register_lazy("smol", "gcr.models.smol:SmolBackbone", "SmolLM2-135M + frozen EfficientNet-Lite0 + projector, offline, LoRA")
+BACKBONES.register_lazy("cart", "gcr.models.cart:CartBackbone", "CART: frozen MiniLM/EfficientNet-Lite0 layers, coarse-to-fine fusion, compact decoder")
 DATASETS.register_lazy("shapes", "gcr.data.sources:load_shapes", "procedurally drawn scenes, generated locally")
 DATASETS.register_lazy("karpathy", "gcr.data.sources:load_karpathy_source", "Flickr30K / MS-COCO Karpathy JSON")
+DATASETS.register_lazy("feature_items", "gcr.data.feature_items:load_feature_items", "items as precomputed embeddings (audio, video, ...) + captions")

@@ -1,11 +1,15 @@
-"""The in-memory corpus: images with captions, split train/val/test.
+"""The in-memory corpus: images (or other items) with captions, split train/val/test.
 
 A :class:`Corpus` is what every loader returns (Karpathy JSON, the generated
-shapes data). :func:`retrieval_task` turns it into the targets and queries of
-one retrieval direction:
+shapes data, precomputed feature items). :func:`retrieval_task` turns it into the
+targets and queries of one retrieval direction:
 
 * ``t2i`` -- targets are images, queries are captions (hit: the caption's image);
 * ``i2t`` -- targets are captions, queries are images (hit: any of the image's captions).
+
+An item need not be an image file: a record whose ``modality`` is not ``"image"`` (``"audio"``,
+``"video"``, ...) is a precomputed embedding (:mod:`gcr.data.feature_items`) and its content is a
+``feature`` :class:`Content`; ``t2i``/``i2t`` then mean text-to-item and item-to-text.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 Direction = Literal["t2i", "i2t"]
 DIRECTIONS: tuple[str, ...] = ("t2i", "i2t")
-Modality = Literal["text", "image"]
+Modality = Literal["text", "image", "feature"]
 
 
 @dataclass(frozen=True)
@@ -33,12 +37,24 @@ class Caption:
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One image file with its captions and split."""
+    """One item with its captions and split: an image file, or a precomputed embedding.
+
+    ``modality`` is ``"image"`` for an image file at ``path``. Any other value (``"audio"``, ``"video"``,
+    ...) marks a precomputed feature vector: the ``.npy`` file at ``path``, or its row ``feature_row``.
+    """
 
     image_id: str
     path: Path
     split: str
     captions: tuple[Caption, ...]
+    modality: str = "image"
+    feature_row: int | None = None
+
+    def content(self) -> Content:
+        """What a model reads for this item: ``Content.image(path)`` or ``Content.feature(path, row)``."""
+        if self.modality == "image":
+            return Content.image(self.path)
+        return Content.feature(self.path, self.feature_row)
 
 
 @dataclass
@@ -57,10 +73,16 @@ class Corpus:
         return [c for im in self.images if split is None or im.split == split for c in im.captions]
 
     def fingerprint(self) -> str:
-        """A short hash of ids, splits and caption texts: changes whenever the corpus does."""
+        """A short hash of ids, splits and caption texts: changes whenever the corpus does.
+
+        For a non-image item it also covers the modality and the feature reference (file name and row);
+        image records hash as before, so existing fingerprints (and the caches keyed by them) stay valid.
+        """
         h = hashlib.sha256()
         for im in self.images:
             h.update(f"{im.image_id}\t{im.split}\n".encode())
+            if im.modality != "image":
+                h.update(f"modality\t{im.modality}\t{im.path.name}\t{im.feature_row}\n".encode())
             for c in im.captions:
                 h.update(f"{c.caption_id}\t{c.text}\n".encode())
         return h.hexdigest()[:16]
@@ -68,10 +90,14 @@ class Corpus:
 
 @dataclass(frozen=True)
 class Content:
-    """What a model reads: a caption's text or an image file."""
+    """What a model reads: a caption's text, an image file, or a precomputed feature vector.
 
-    modality: str  # "text" | "image"
-    value: str  # the text, or the image path as a string
+    A ``feature`` value is ``"<path>"`` (a (D,) ``.npy`` file) or ``"<path>#<row>"`` (row ``row`` of an
+    (N, D) file); :func:`gcr.data.feature_items.load_feature_vector` reads it.
+    """
+
+    modality: str  # "text" | "image" | "feature"
+    value: str  # the text, the image path, or the feature reference as a string
 
     @staticmethod
     def text(value: str) -> Content:
@@ -80,6 +106,11 @@ class Content:
     @staticmethod
     def image(path: Path | str) -> Content:
         return Content("image", str(path))
+
+    @staticmethod
+    def feature(path: Path | str, row: int | None = None) -> Content:
+        """A stored vector: the (D,) file ``path``, or row ``row`` of the (N, D) file ``path``."""
+        return Content("feature", str(path) if row is None else f"{path}#{int(row)}")
 
 
 @dataclass(frozen=True)
@@ -116,10 +147,15 @@ class RetrievalTask:
 
     @property
     def target_modality(self) -> str:
+        """``"text"``, ``"image"`` or ``"feature"`` (precomputed items)."""
+        if self.targets:
+            return self.targets[0].content.modality
         return "image" if self.direction == "t2i" else "text"
 
     @property
     def query_modality(self) -> str:
+        if self.queries:
+            return self.queries[0].content.modality
         return "text" if self.direction == "t2i" else "image"
 
     def queries_of(self, split: str) -> list[Query]:
@@ -130,7 +166,10 @@ class RetrievalTask:
 
 
 def retrieval_task(corpus: Corpus, direction: str) -> RetrievalTask:
-    """Build the targets and queries of ``direction`` (``t2i`` or ``i2t``) from ``corpus``."""
+    """Build the targets and queries of ``direction`` (``t2i`` or ``i2t``) from ``corpus``.
+
+    Items are read through :meth:`ImageRecord.content`: image files, or precomputed feature vectors.
+    """
     if direction not in DIRECTIONS:
         from gcr.errors import ConfigError
 
@@ -140,7 +179,7 @@ def retrieval_task(corpus: Corpus, direction: str) -> RetrievalTask:
     for im in corpus.images:
         if direction == "t2i":
             targets.append(
-                Target(im.image_id, im.split, Content.image(im.path), " ".join(c.text for c in im.captions))
+                Target(im.image_id, im.split, im.content(), " ".join(c.text for c in im.captions))
             )
             queries.extend(
                 Query(c.caption_id, im.split, Content.text(c.text), (im.image_id,)) for c in im.captions
@@ -148,6 +187,6 @@ def retrieval_task(corpus: Corpus, direction: str) -> RetrievalTask:
         else:
             targets.extend(Target(c.caption_id, im.split, Content.text(c.text), c.text) for c in im.captions)
             queries.append(
-                Query(im.image_id, im.split, Content.image(im.path), tuple(c.caption_id for c in im.captions))
+                Query(im.image_id, im.split, im.content(), tuple(c.caption_id for c in im.captions))
             )
     return RetrievalTask(direction, targets, queries)

@@ -148,18 +148,17 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
         ) from None
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(
+    path: Path,
+    what: str = "Karpathy JSON",
+    missing_fix: str = "pass the path of an existing dataset_*.json (or generate the shapes data)",
+) -> Any:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise DataError(
-            f"Karpathy JSON not found: {path}; fix: pass the path of an existing dataset_*.json "
-            "(or generate the shapes data)"
-        ) from None
+        raise DataError(f"{what} not found: {path}; fix: {missing_fix}") from None
     except OSError as exc:
-        raise DataError(
-            f"cannot read Karpathy JSON {path} ({exc}); fix: check the path and permissions"
-        ) from None
+        raise DataError(f"cannot read {what} {path} ({exc}); fix: check the path and permissions") from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -176,10 +175,19 @@ def _read_json(path: Path) -> Any:
         ) from None
 
 
-def _field_error(json_path: Path, index: int, entry: Any, problem: str, fix: str) -> DataError:
-    label = f"image entry {index}"
-    if isinstance(entry, dict) and isinstance(entry.get("filename"), str):
-        label += f" ({entry['filename']})"
+# The field that names an entry in error messages, by entry kind (Karpathy images: the file name).
+_LABEL_FIELDS = {"image": "filename"}
+
+
+def _field_error(
+    json_path: Path, index: int, entry: Any, problem: str, fix: str, *, kind: str = "image"
+) -> DataError:
+    """``<json>: <kind> entry <index> (<name>): <problem>; fix: <fix>``."""
+    label = f"{kind} entry {index}"
+    field = _LABEL_FIELDS.get(kind, "id")
+    name = entry.get(field) if isinstance(entry, dict) else None
+    if isinstance(name, str) or (field == "id" and isinstance(name, int) and not isinstance(name, bool)):
+        label += f" ({name})"
     return DataError(f"{json_path}: {label}: {problem}; fix: {fix}")
 
 
@@ -242,7 +250,10 @@ def _parse_entry(json_path: Path, image_root: Path, index: int, entry: Any, rest
     )
 
 
-def _parse_sentence(json_path: Path, index: int, entry: dict, image_id: str, k: int, sent: Any) -> Caption:
+def _parse_sentence(
+    json_path: Path, index: int, entry: dict, image_id: str, k: int, sent: Any, *, kind: str = "image"
+) -> Caption:
+    """One caption of entry ``index``; ``kind`` names the entry in messages (``image``, ``audio``, ...)."""
     if not isinstance(sent, dict):
         raise _field_error(
             json_path,
@@ -250,6 +261,7 @@ def _parse_sentence(json_path: Path, index: int, entry: dict, image_id: str, k: 
             entry,
             f"sentence {k} is a {type(sent).__name__}, not an object",
             "make every sentence an object with 'raw' and 'sentid'",
+            kind=kind,
         )
     raw = sent.get("raw")
     if isinstance(raw, str):
@@ -263,6 +275,7 @@ def _parse_sentence(json_path: Path, index: int, entry: dict, image_id: str, k: 
             entry,
             f"sentence {k} is missing field 'raw' (and has no 'tokens')",
             "add the caption text as 'raw'",
+            kind=kind,
         )
     sentid = sent.get("sentid")
     caption_id = str(sentid) if sentid is not None else f"{image_id}#{k}"
@@ -271,8 +284,9 @@ def _parse_sentence(json_path: Path, index: int, entry: dict, image_id: str, k: 
             json_path,
             index,
             entry,
-            f"empty caption (sentid {caption_id!r}, image id {image_id})",
+            f"empty caption (sentid {caption_id!r}, {kind} id {image_id})",
             "write the caption text or remove the sentence",
+            kind=kind,
         )
     return Caption(caption_id=caption_id, text=text, image_id=image_id)
 

@@ -1,4 +1,8 @@
-"""Dataset sources by config ``type``: the generated shapes data, or a Karpathy JSON on disk."""
+"""Dataset sources by config ``type``: the generated shapes data, or a Karpathy JSON on disk.
+
+Items given as precomputed embeddings (audio, video, ...) load through
+:func:`gcr.data.feature_items.load_feature_items` (``type: feature_items``).
+"""
 
 from __future__ import annotations
 

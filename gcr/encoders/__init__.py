@@ -26,6 +26,7 @@ _EXPORTS = {
     "MiniLMTextEncoder": "gcr.encoders.minilm",
     "EfficientNetImageEncoder": "gcr.encoders.efficientnet",
     "PretrainedFeatureEncoder": "gcr.encoders.pretrained",
+    "PrecomputedFeatureEncoder": "gcr.encoders.pretrained",
     "build_feature_encoder": "gcr.encoders.pretrained",
     "ENCODER_NAMES": "gcr.encoders.pretrained",
 }

@@ -26,6 +26,17 @@ IGNORE_INDEX = -100
 BACKBONE_FILE = "backbone.json"
 
 
+def unreadable_modality(backbone: str, content: Content) -> ConfigError:
+    """The error for a content a backbone cannot read (precomputed audio/video features, or unknown)."""
+    if content.modality == "feature":
+        return ConfigError(
+            f"backbone {backbone!r} reads text and image pixels, not precomputed feature vectors (e.g. {content.value}); "
+            "fix: model=cart for audio/video items given as embeddings (data=feature_items), "
+            "or run the dense baseline alone (dense=pretrained)"
+        )
+    return ConfigError(f"backbone {backbone!r}: unknown content modality {content.modality!r}")
+
+
 class GenerativeBackbone(nn.Module):
     """Base class: subclasses build ``model``/``tokenizer`` and may override how prompts look."""
 
@@ -69,7 +80,7 @@ class GenerativeBackbone(nn.Module):
                 raise DataError("empty text input: every caption and query must contain words; fix or drop it")
             body = tok(content.value, add_special_tokens=False)["input_ids"][: self.max_text_tokens]
         else:
-            raise ConfigError(f"unknown content modality {content.modality!r}")
+            raise unreadable_modality(self.name, content)
         return [tok.bos_token_id, *body, tok.sep_token_id]
 
     def batch(

@@ -30,7 +30,7 @@ from torch import nn
 
 from gcr.data.corpus import Content
 from gcr.errors import ArtifactError, ConfigError, DataError
-from gcr.models.base import BACKBONE_FILE, IGNORE_INDEX, GenerativeBackbone
+from gcr.models.base import BACKBONE_FILE, IGNORE_INDEX, GenerativeBackbone, unreadable_modality
 
 #: ``{query}`` is replaced by the query: the caption text, or the image (a chat template's image item, or the
 #: processor's image token in a plain prompt). The identifier follows the prompt (with a chat template: after
@@ -396,7 +396,7 @@ class HFBackbone(GenerativeBackbone):
     def prompt_text(self, content: Content) -> str:
         """The prompt string for one query (before the processor expands image placeholders)."""
         if content.modality not in ("text", "image"):
-            raise ConfigError(f"unknown content modality {content.modality!r}")
+            raise unreadable_modality(self.name, content)
         query = self._query_text(content.value) if content.modality == "text" else None
         if getattr(self.processor, "chat_template", None):
             items: list[dict[str, str]] = []

@@ -48,7 +48,7 @@ from torch import nn
 
 from gcr.data.corpus import Content, Corpus
 from gcr.errors import ArtifactError, ConfigError, DataError
-from gcr.models.base import BACKBONE_FILE, IGNORE_INDEX, GenerativeBackbone
+from gcr.models.base import BACKBONE_FILE, IGNORE_INDEX, GenerativeBackbone, unreadable_modality
 
 IMAGE_TOKEN = "<image>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -287,7 +287,7 @@ class SmolBackbone(GenerativeBackbone):
             body = self.tokenizer(content.value, add_special_tokens=False, split_special_tokens=True)["input_ids"]
             body = body[: self.max_text_tokens]
         else:
-            raise ConfigError(f"unknown content modality {content.modality!r}")
+            raise unreadable_modality(self.name, content)
         return [*self._prefix, *body, *self._suffix]
 
     def prompt_length(self, batch: dict[str, torch.Tensor]) -> int:

@@ -43,6 +43,15 @@ class DenseModule(L.LightningModule):
 
 def pair_loader(corpus: Corpus, batch_size: int, seed: int = 0) -> DataLoader:
     """(caption, image path) pairs of the train split, shuffled."""
+    items = [im for im in corpus.split("train") if im.modality != "image"]
+    if items:
+        from gcr.errors import ConfigError
+
+        raise ConfigError(
+            f"the CLIP-style dense baseline (dense=clip_tiny) reads image pixels, but {corpus.name!r} holds "
+            f"precomputed {items[0].modality} items; fix: dense=pretrained (frozen MiniLM + the stored vectors), "
+            "or dense.enabled=false"
+        )
     pairs = [(c.text, str(im.path)) for im in corpus.split("train") for c in im.captions]
 
     def collate(batch):
@@ -90,7 +99,9 @@ def train_frozen_dense(
     """Train the projections of a :class:`~gcr.models.frozen_dense.FrozenTowerDualEncoder` on the train pairs.
 
     The frozen towers' features of every train caption and image are computed once (and cached), so each
-    epoch is only the projections. Returns the mean loss of each epoch.
+    epoch is only the projections. Items given as precomputed embeddings are read as stored (cached under
+    their files' identity), and the item projection's input width is set to their D. Returns the mean loss
+    of each epoch.
     """
     from gcr.features import cached_features
 
@@ -102,9 +113,11 @@ def train_frozen_dense(
         corpus_fingerprint=fingerprint, cache_dir=cache_dir, tag="train",
     )
     pixels = cached_features(
-        encoder.towers, "pretrained", [im.image_id for im in images], [Content("image", str(im.path)) for im in images],
+        encoder.towers, "pretrained", [im.image_id for im in images], [im.content() for im in images],
         corpus_fingerprint=fingerprint, cache_dir=cache_dir, tag="train",
     )
+    if images[0].modality != "image":  # precomputed items: the item projection reads their width
+        encoder.set_item_dim(pixels.shape[1])
     text, pixels = torch.from_numpy(text), torch.from_numpy(pixels)
     image_of_caption = torch.tensor([i for i, im in enumerate(images) for _ in im.captions])
     optimizer = torch.optim.AdamW(
@@ -123,7 +136,7 @@ def train_frozen_dense(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         history.append(sum(losses) / len(losses))
     encoder.eval()
     return history

@@ -208,10 +208,10 @@ def dense_rows(cfg: DictConfig, corpus: Corpus, dense, train_seconds: float) -> 
     ]
 
 
-def _feature_encoder(name: str):
+def _feature_encoder(name: str, corpus: Corpus):
     from gcr.encoders import build_feature_encoder
 
-    return build_feature_encoder(name)
+    return build_feature_encoder(name, corpus=corpus) if name == "precomputed" else build_feature_encoder(name)
 
 
 def _evaluation_task(cfg: DictConfig, corpus: Corpus, direction: str):
@@ -276,7 +276,7 @@ def _fit_direction(cfg, corpus, task, dense, out_dir: Path, scheme_options) -> l
         backbone = _build_backbone(cfg, corpus, dense)
     features = None
     if scheme.needs_features:
-        encoder = dense if cfg.features.encoder == "dense" else _feature_encoder(cfg.features.encoder)
+        encoder = dense if cfg.features.encoder == "dense" else _feature_encoder(cfg.features.encoder, corpus)
         features = cached_target_features(
             encoder, cfg.features.encoder, task.targets, corpus_fingerprint=corpus.fingerprint(),
             cache_dir=cfg.cache_dir, batch_size=cfg.features.batch_size,
