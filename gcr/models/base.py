@@ -67,6 +67,25 @@ class GenerativeBackbone(nn.Module):
             self.model.resize_token_embeddings(len(self.tokenizer))
         return added
 
+    def init_token_embeddings(self, vectors: dict[str, Any]) -> int:
+        """Set the input-embedding rows of ``vectors``' tokens from vectors of any width; returns how many.
+
+        The vectors (one group, one width) go through a fixed seeded random projection to the embedding
+        width and are rescaled to the existing rows' scale, so their geometry (which codes are close) is
+        kept. Backbones whose embeddings are wrapped (PEFT trainable tokens) keep the mean initialisation.
+        """
+        from gcr.models.token_init import project_vectors
+
+        embeddings = self.model.get_input_embeddings()
+        if not isinstance(embeddings, nn.Embedding) or not vectors:
+            return 0
+        ids = self.tokenizer.convert_tokens_to_ids(list(vectors))
+        weight = embeddings.weight
+        with torch.no_grad():
+            rows = project_vectors(list(vectors.values()), weight.shape[1], reference=weight)
+            weight[torch.tensor(ids)] = rows.to(weight.dtype)
+        return len(ids)
+
     # -- inputs -------------------------------------------------------------------------------
     def prompt_ids(self, content: Content) -> list[int]:
         """Token ids of the prompt for one query/target content, ending in the separator."""

@@ -69,6 +69,18 @@ class IdentifierScheme(ABC):
         """Tokens the model's vocabulary must gain; empty for natural-language identifiers."""
         return []
 
+    def token_vectors(self) -> dict[str, dict[str, np.ndarray]]:
+        """Initial vectors for :meth:`new_tokens`, by group (each group in one space, e.g. codebook vectors).
+
+        Backbones project each group to their embedding width (:meth:`init_token_embeddings`), so new tokens
+        start where the scheme's geometry puts them rather than at random. Empty: no preference.
+        """
+        return {}
+
+    def stats(self) -> dict[str, Any]:
+        """Statistics of the last :meth:`fit` (e.g. codebook usage) recorded with the results."""
+        return {}
+
     def config(self) -> dict[str, Any]:
         """The scheme's options, recorded with the index so artifacts can be validated."""
         return {"seed": self.seed}

@@ -289,6 +289,8 @@ def _fit_direction(cfg, corpus, task, dense, out_dir: Path, scheme_options) -> l
     )
     index_seconds = time.perf_counter() - t0
     backbone.add_identifier_tokens(scheme.new_tokens())
+    for group in scheme.token_vectors().values():  # e.g. CART: tokens start at their codebook vectors
+        backbone.init_token_embeddings(group)
     index.tokenize(backbone.tokenizer)
     index.save(out_dir)
 
@@ -317,7 +319,7 @@ def _fit_direction(cfg, corpus, task, dense, out_dir: Path, scheme_options) -> l
     if trainer.is_global_zero:
         backbone.save(out_dir / "backbone")
     trainer.test(module, datamodule=data, verbose=False)
-    stats = {**index.stats(), "build_seconds": index_seconds}
+    stats = {**index.stats(), "build_seconds": index_seconds, **scheme.stats()}
     if scheme.uses_descriptions:
         stats["description"] = cfg.description.source
     return _rows(cfg, task.direction, evaluation.results, train_seconds, stats)
