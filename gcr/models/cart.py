@@ -1,0 +1,784 @@
+"""Backbone ``cart``: CART's compact encoder-decoder with coarse-to-fine fusion (Fang et al., CART).
+
+A query (or, for indexing, a target) is read by a frozen pretrained tower, and a small transformer decoder
+writes the identifier, attending to *every* layer of that tower:
+
+* **Encoder** (frozen by default): text -> MiniLM (all-MiniLM-L6-v2, :mod:`gcr.encoders.minilm`), the token
+  states of all 7 hidden states (embeddings + 6 layers); image -> EfficientNet-Lite0
+  (:mod:`gcr.encoders.efficientnet`), the outputs of its last 6 stages plus the 1280-wide head, each average-pooled
+  to ``image_grid x image_grid`` cells plus one globally pooled token. Every tower layer is projected to
+  ``d_model`` (``LayerNorm -> Linear``, one per layer and modality), giving a memory ``(B, L=7, T, d_model)`` with
+  a key padding mask; text and image rows of one batch are encoded separately and padded to one length.
+  Image features are computed once per file and kept in memory (``(cells + 1, 2048)`` float16 per image, e.g.
+  17 x 2048 x 2 bytes = 70 kB at ``image_grid=4``). ``train_encoder=true`` fine-tunes MiniLM; the image tower is
+  always frozen.
+* **Fusion** (:class:`CoarseFineFusion`, one per decoder layer, between self-attention and the FFN):
+  ``coarse`` = all L layers concatenated along features -> Linear -> cross-attention, scaled by a sigmoid gate
+  computed from the decoder state; ``fine`` = one cross-attention per encoder layer, mixed with learned softmax
+  weights; ``coarse_fine`` adds both. ``last`` is plain cross-attention to the last layer (no fusion: the
+  ablation). The L fine attentions run as one batched attention (``L * heads`` heads), not a loop.
+* **Decoder**: pre-norm transformer (causal self-attention, fusion, GELU FFN; dropout), learned positions, its own
+  token embeddings and output head over the identifier vocabulary. The vocabulary is a word-level
+  ``PreTrainedTokenizerFast`` holding only ``<pad> <unk> <s> </s>``; a scheme's identifier tokens are added by
+  :meth:`CartBackbone.add_identifier_tokens` (identifiers must be made of added tokens, like ``hkmeans``' and
+  ``cart``'s; natural-language identifiers cannot be spelled).
+* **Loss**: cross-entropy of the identifier tokens (EOS included) + ``rdrop_weight`` x the symmetric KL between
+  two dropout passes (R-Drop), in training mode; the decoder runs once on the batch doubled.
+* **Decoding**: :func:`gcr.decoding.beam_search.constrained_beam_search` under the trie of the
+  :class:`~gcr.decoding.TrieLogitsProcessor` it is given. The memory is encoded once per query and its keys and
+  values computed once per decoder layer; the K beams of a query attend to it as K query positions (no copy per
+  beam); self-attention keeps a KV cache. Scores are summed log-probabilities, like every other backbone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Mapping, Sequence
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gcr.data.corpus import Content, Corpus
+from gcr.errors import ArtifactError, ConfigError, DataError
+from gcr.models.base import BACKBONE_FILE, IGNORE_INDEX, GenerativeBackbone
+
+WEIGHTS_FILE = "model.safetensors"
+FUSIONS = ("coarse_fine", "coarse", "fine", "last")
+SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>"}
+TEXT_WIDTH = 384  # MiniLM hidden size
+INIT_STD = 0.02  # weights ~ N(0, 0.02), biases 0 (GPT/BART-style init)
+NEW_ROW_NOISE = 0.1  # new token rows: mean of the old rows + N(0, (0.1 * std of the old rows)^2)
+_FILLER = -1e9  # score of an empty beam slot (fewer identifiers than beams); the retriever skips it
+DEFAULTS: dict[str, Any] = {
+    "d_model": 256,
+    "num_layers": 3,
+    "num_heads": 4,
+    "ffn_dim": 1024,
+    "dropout": 0.1,
+    "fusion": "coarse_fine",
+    "rdrop_weight": 1.0,
+    "train_encoder": False,
+    "max_text_tokens": 48,
+    "max_id_tokens": 32,
+    "image_size": 224,
+    "image_grid": 4,
+    "seed": 0,
+}
+
+
+# -- the identifier tokenizer ---------------------------------------------------------------------
+def identifier_tokenizer():
+    """A word-level ``PreTrainedTokenizerFast`` with only ``<pad> <unk> <s> </s>`` (ids 0-3)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS.values())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk"]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=SPECIAL_TOKENS["pad"],
+        unk_token=SPECIAL_TOKENS["unk"],
+        bos_token=SPECIAL_TOKENS["bos"],
+        eos_token=SPECIAL_TOKENS["eos"],
+        padding_side="left",
+    )
+
+
+# -- building blocks ------------------------------------------------------------------------------
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, T, d) -> (B, heads, T, d / heads)."""
+    B, T, d = x.shape
+    return x.view(B, T, heads, d // heads).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    """(B, heads, T, dh) -> (B, T, heads * dh)."""
+    B, H, T, dh = x.shape
+    return x.transpose(1, 2).reshape(B, T, H * dh)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of decoder states (queries) to one memory; keys/values computed once per memory."""
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = num_heads, dropout
+        self.q, self.k, self.v, self.o = (nn.Linear(d_model, d_model) for _ in range(4))
+
+    def memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, d) -> keys, values (B, heads, T, dh)."""
+        return _heads(self.k(memory), self.heads), _heads(self.v(memory), self.heads)
+
+    def forward(self, h: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """``h`` (B, Q, d): any number of query positions per memory row; ``mask`` (B, T), True = attend."""
+        q = _heads(self.q(h), self.heads)
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, *kv, attn_mask=mask[:, None, None, :], dropout_p=p)
+        return self.o(_merge(out))
+
+
+class LayerwiseCrossAttention(nn.Module):
+    """One cross-attention per encoder layer, mixed by learned softmax weights: the *fine* branch.
+
+    The L attentions have their own projections but run as one ``scaled_dot_product_attention`` with
+    ``L * heads`` heads; the weighted sum of their outputs is one matmul with the stacked output projections.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, num_memory_layers: int, dropout: float):
+        super().__init__()
+        L, d = num_memory_layers, d_model
+        self.layers, self.heads, self.dropout = L, num_heads, dropout
+        self.q = nn.Linear(d, L * d)  # the L query projections side by side
+        self.k_weight = nn.Parameter(torch.empty(L, d, d))
+        self.k_bias = nn.Parameter(torch.zeros(L, d))
+        self.v_weight = nn.Parameter(torch.empty(L, d, d))
+        self.v_bias = nn.Parameter(torch.zeros(L, d))
+        self.o_weight = nn.Parameter(torch.empty(d, L * d))  # the L output projections side by side
+        self.o_bias = nn.Parameter(torch.zeros(L, d))
+        self.layer_logits = nn.Parameter(torch.zeros(L))  # softmax -> the layers' mixing weights
+        for weight in (self.k_weight, self.v_weight, self.o_weight):
+            nn.init.normal_(weight, std=INIT_STD)
+
+    def layer_weights(self) -> torch.Tensor:
+        return self.layer_logits.softmax(0)
+
+    def memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, T, d) -> keys, values (B, L * heads, T, dh)."""
+        B, L, T, d = memory.shape
+        k = torch.einsum("bltd,lde->blte", memory, self.k_weight) + self.k_bias[:, None]
+        v = torch.einsum("bltd,lde->blte", memory, self.v_weight) + self.v_bias[:, None]
+        split = (B, L, T, self.heads, d // self.heads)
+        return (
+            k.view(split).transpose(2, 3).reshape(B, L * self.heads, T, -1),
+            v.view(split).transpose(2, 3).reshape(B, L * self.heads, T, -1),
+        )
+
+    def forward(self, h: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        B, Q, d = h.shape
+        L, H = self.layers, self.heads
+        q = self.q(h).view(B, Q, L * H, d // H).transpose(1, 2)  # (B, L*H, Q, dh)
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, *kv, attn_mask=mask[:, None, None, :], dropout_p=p)
+        w = self.layer_weights()
+        out = out.view(B, L, H, Q, d // H).permute(0, 3, 1, 2, 4) * w[:, None, None]  # (B, Q, L, H, dh)
+        return F.linear(out.reshape(B, Q, L * d), self.o_weight, w @ self.o_bias)
+
+
+class CoarseFineFusion(nn.Module):
+    """CART's fusion of the encoder layers into a decoder layer: coarse branch + fine branch (or one, or none).
+
+    ``memory(m)`` takes the stacked layer memories ``(B, L, T, d)`` and precomputes what attention needs
+    (once per query); ``forward(h, cache, mask)`` maps decoder states ``(B, Q, d)`` to ``(B, Q, d)``.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, num_memory_layers: int, mode: str = "coarse_fine",
+                 dropout: float = 0.1):
+        super().__init__()
+        if mode not in FUSIONS:
+            raise ConfigError(f"unknown model.fusion {mode!r}; choose one of {', '.join(FUSIONS)}")
+        self.mode = mode
+        self.num_memory_layers = num_memory_layers
+        if mode in ("coarse_fine", "coarse"):
+            self.coarse_in = nn.Linear(num_memory_layers * d_model, d_model)
+            self.coarse_attn = CrossAttention(d_model, num_heads, dropout)
+            self.gate = nn.Linear(d_model, d_model)
+        if mode in ("coarse_fine", "fine"):
+            self.fine = LayerwiseCrossAttention(d_model, num_heads, num_memory_layers, dropout)
+        if mode == "last":
+            self.last_attn = CrossAttention(d_model, num_heads, dropout)
+
+    def memory(self, memory: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        B, L, T, d = memory.shape
+        if L != self.num_memory_layers:
+            raise ConfigError(f"the fusion expects {self.num_memory_layers} encoder layers, got {L}")
+        cache = {}
+        if self.mode in ("coarse_fine", "coarse"):
+            stacked = memory.permute(0, 2, 1, 3).reshape(B, T, L * d)  # layers concatenated along features
+            cache["coarse"] = self.coarse_attn.memory(self.coarse_in(stacked))
+        if self.mode in ("coarse_fine", "fine"):
+            cache["fine"] = self.fine.memory(memory)
+        if self.mode == "last":
+            cache["last"] = self.last_attn.memory(memory[:, -1])
+        return cache
+
+    def forward(self, h: torch.Tensor, cache: dict, mask: torch.Tensor) -> torch.Tensor:
+        if self.mode == "last":
+            return self.last_attn(h, cache["last"], mask)
+        out = 0
+        if "coarse" in cache:
+            out = torch.sigmoid(self.gate(h)) * self.coarse_attn(h, cache["coarse"], mask)
+        if "fine" in cache:
+            out = out + self.fine(h, cache["fine"], mask)
+        return out
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention with an optional KV cache (one new position per decoding step)."""
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = num_heads, dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.o = nn.Linear(d_model, d_model)
+
+    def forward(self, h: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None):
+        q, k, v = (_heads(x, self.heads) for x in self.qkv(h).chunk(3, dim=-1))
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        p = self.dropout if self.training else 0.0
+        # with a cache the new positions are the last ones: causal within them, everything before is visible
+        causal = h.shape[1] > 1
+        if causal and past is not None:
+            raise ValueError("the KV-cached path decodes one position at a time")
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
+        return self.o(_merge(out)), (k, v)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm: causal self-attention, coarse-to-fine fusion, GELU FFN; each a residual branch with dropout."""
+
+    def __init__(self, d_model: int, num_heads: int, ffn_dim: int, num_memory_layers: int, fusion: str,
+                 dropout: float):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.self_attn = SelfAttention(d_model, num_heads, dropout)
+        self.fusion = CoarseFineFusion(d_model, num_heads, num_memory_layers, fusion, dropout)
+        self.ffn = nn.Sequential(nn.Linear(d_model, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, d_model))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, h, cache, mask, group: int, past=None):
+        """``h`` (N, t, d) with N = B * group rows, item-major (row ``b * group + g``); ``cache``/``mask`` per item."""
+        attended, present = self.self_attn(self.norm1(h), past)
+        h = h + self.drop(attended)
+        N, t, d = h.shape
+        # the `group` rows of an item are query positions of its memory: no copy of the memory per beam
+        fused = self.fusion(self.norm2(h).reshape(N // group, group * t, d), cache, mask).reshape(N, t, d)
+        h = h + self.drop(fused)
+        h = h + self.drop(self.ffn(self.norm3(h)))
+        return h, present
+
+
+class CartNetwork(nn.Module):
+    """Everything that trains: the per-layer memory projections, the fusion decoder, embeddings and head."""
+
+    def __init__(self, vocab_size: int, *, text_widths: Sequence[int], image_widths: Sequence[int],
+                 image_tokens: int, d_model: int, num_layers: int, num_heads: int, ffn_dim: int, dropout: float,
+                 fusion: str, max_id_tokens: int):
+        super().__init__()
+        if len(text_widths) != len(image_widths):
+            raise ConfigError("the text and image towers must give the same number of layers")
+        self.num_memory_layers = len(text_widths)
+        self.text_proj = nn.ModuleList(nn.Sequential(nn.LayerNorm(w), nn.Linear(w, d_model)) for w in text_widths)
+        self.image_proj = nn.ModuleList(nn.Sequential(nn.LayerNorm(w), nn.Linear(w, d_model)) for w in image_widths)
+        self.image_widths = [int(w) for w in image_widths]
+        self.image_pos = nn.Parameter(torch.zeros(image_tokens, d_model))  # cells + the pooled token
+        self.memory_drop = nn.Dropout(dropout)
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.pos = nn.Embedding(max_id_tokens + 1, d_model)  # BOS + up to max_id_tokens
+        self.layers = nn.ModuleList(
+            DecoderLayer(d_model, num_heads, ffn_dim, self.num_memory_layers, fusion, dropout)
+            for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.apply(self._init)
+        nn.init.normal_(self.image_pos, std=INIT_STD)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=INIT_STD)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # -- memory --------------------------------------------------------------------------------
+    def text_memory(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
+        """L tensors (N, T, 384) -> (N, L, T, d)."""
+        return torch.stack([proj(h) for proj, h in zip(self.text_proj, hidden_states)], dim=1)
+
+    def image_memory(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, cells + 1, sum of stage widths) cached features -> (N, L, cells + 1, d)."""
+        parts = features.float().split(self.image_widths, dim=-1)
+        return torch.stack([proj(x) + self.image_pos for proj, x in zip(self.image_proj, parts)], dim=1)
+
+    def memory_cache(self, memory: torch.Tensor) -> list[dict]:
+        """Per decoder layer, the fusion's keys/values of the memory (computed once per query)."""
+        memory = self.memory_drop(memory)
+        return [layer.fusion.memory(memory) for layer in self.layers]
+
+    # -- decoding ------------------------------------------------------------------------------
+    def decode(self, ids: torch.Tensor, caches: list[dict], mask: torch.Tensor, *, group: int = 1, start: int = 0,
+               past: list | None = None):
+        """Logits (N, t, V) of decoder inputs ``ids`` (N, t) at positions ``start..``; N = B * group, item-major.
+
+        ``past`` (one (k, v) per layer) continues a KV cache; the updated cache is returned with the logits.
+        """
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)
+        h = self.embed(ids) + self.pos(positions)
+        present = []
+        for i, layer in enumerate(self.layers):
+            h, kv = layer(h, caches[i], mask, group, None if past is None else past[i])
+            present.append(kv)
+        return self.head(self.norm(h)), present
+
+    # -- vocabulary ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def resize_vocab(self, size: int, generator: torch.Generator) -> None:
+        """Grow embeddings and head to ``size`` rows: the mean of the old rows + small seeded noise."""
+        old = self.embed.weight.shape[0]
+        if size <= old:
+            return
+        for name in ("embed", "head"):
+            layer = getattr(self, name)
+            weight = layer.weight
+            mean, std = weight.mean(0, keepdim=True), weight.std()
+            noise = torch.randn(size - old, weight.shape[1], generator=generator) * (NEW_ROW_NOISE * std.item())
+            grown = torch.cat([weight, mean + noise.to(weight.device, weight.dtype)])
+            if name == "embed":
+                new = nn.Embedding(size, weight.shape[1], device=weight.device, dtype=weight.dtype)
+            else:
+                new = nn.Linear(weight.shape[1], size, bias=False, device=weight.device, dtype=weight.dtype)
+            new.weight.copy_(grown)
+            new.weight.requires_grad_(weight.requires_grad)
+            setattr(self, name, new)
+
+
+# -- the image tower's stages ---------------------------------------------------------------------
+def efficientnet_stages(net: nn.Module, pixels: torch.Tensor) -> list[torch.Tensor]:
+    """Every stage's output of the package's EfficientNet, then the head activations (what
+    ``extract_features`` computes, with the intermediate stages kept). A stage ends where the block width changes.
+    """
+    x = net._swish(net._bn0(net._conv_stem(pixels)))
+    blocks = net._blocks
+    rate = net._global_params.drop_connect_rate
+    outs = []
+    for idx, block in enumerate(blocks):
+        x = block(x, drop_connect_rate=rate * idx / len(blocks) if rate else rate)
+        if idx + 1 == len(blocks) or blocks[idx + 1]._block_args.output_filters != block._block_args.output_filters:
+            outs.append(x)
+    outs.append(net._swish(net._bn1(net._conv_head(x))))
+    return outs
+
+
+# -- the backbone ---------------------------------------------------------------------------------
+class CartBackbone(GenerativeBackbone):
+    """CART: frozen MiniLM / EfficientNet-Lite0 layers -> coarse-to-fine fusion -> compact identifier decoder."""
+
+    name = "cart"
+
+    def __init__(self, tokenizer: Any, text_encoder: nn.Module, text_tokenizer: Any, vision: nn.Module,
+                 **options: Any):
+        unknown = sorted(set(options) - set(DEFAULTS))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown} for model 'cart'; known: {', '.join(DEFAULTS)}")
+        opts = {**DEFAULTS, **options}
+        self._check_options(opts)
+        # the text tower's layers (embeddings + each transformer layer) and the image tower's last as many stages
+        text_layers = int(text_encoder.config.num_hidden_layers) + 1
+        with torch.no_grad():
+            probe = efficientnet_stages(vision.net, torch.zeros(1, 3, 64, 64, device=vision.device))
+        if len(probe) < text_layers:
+            raise ConfigError(f"the image tower has {len(probe)} stages, fewer than the text tower's {text_layers}")
+        image_widths = [int(x.shape[1]) for x in probe[-text_layers:]]
+        with _seeded(int(opts["seed"])):
+            network = CartNetwork(
+                len(tokenizer),
+                text_widths=[int(text_encoder.config.hidden_size)] * text_layers,
+                image_widths=image_widths,
+                image_tokens=int(opts["image_grid"]) ** 2 + 1,
+                d_model=int(opts["d_model"]), num_layers=int(opts["num_layers"]), num_heads=int(opts["num_heads"]),
+                ffn_dim=int(opts["ffn_dim"]), dropout=float(opts["dropout"]), fusion=str(opts["fusion"]),
+                max_id_tokens=int(opts["max_id_tokens"]),
+            )
+        super().__init__(network, tokenizer, max_text_tokens=int(opts["max_text_tokens"]))
+        self.opts = opts
+        self.text_encoder = text_encoder
+        self.text_tokenizer = text_tokenizer
+        self.vision = vision
+        self.vision.requires_grad_(False)
+        self.train_encoder = bool(opts["train_encoder"])
+        self.text_encoder.requires_grad_(self.train_encoder)
+        self.num_memory_layers = text_layers
+        self.rdrop_weight = float(opts["rdrop_weight"])
+        self.seed = int(opts["seed"])
+        self._features: dict[str, torch.Tensor] = {}  # image path -> (cells + 1, sum widths) float16, CPU
+        self._identifier_tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @staticmethod
+    def _check_options(o: dict[str, Any]) -> None:
+        if o["fusion"] not in FUSIONS:
+            raise ConfigError(f"unknown model.fusion {o['fusion']!r}; choose one of {', '.join(FUSIONS)}")
+        for key in ("d_model", "num_layers", "num_heads", "ffn_dim", "max_text_tokens", "max_id_tokens",
+                    "image_size", "image_grid"):
+            if int(o[key]) < 1:
+                raise ConfigError(f"model.{key} must be a positive integer, got {o[key]}")
+        if int(o["d_model"]) % int(o["num_heads"]):
+            raise ConfigError(f"model.d_model ({o['d_model']}) must be divisible by model.num_heads ({o['num_heads']})")
+        if not 0.0 <= float(o["dropout"]) < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {o['dropout']}")
+        if float(o["rdrop_weight"]) < 0:
+            raise ConfigError(f"model.rdrop_weight must be >= 0 (0 disables R-Drop), got {o['rdrop_weight']}")
+        if not 1 <= int(o["image_grid"]) <= 7:
+            raise ConfigError(f"model.image_grid must be 1..7 (cells per side of the 7x7 map), got {o['image_grid']}")
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, corpus: Corpus | None = None, **options: Any) -> CartBackbone:
+        """A fresh CART model over the packaged MiniLM and EfficientNet-Lite0 (options: see ``DEFAULTS``)."""
+        unknown = sorted(set(options) - set(DEFAULTS))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown} for model 'cart'; known: {', '.join(DEFAULTS)}")
+        cls._check_options({**DEFAULTS, **options})
+        text_encoder, text_tokenizer = load_text_tower()
+        vision = load_image_tower(int(options.get("image_size", DEFAULTS["image_size"])))
+        return cls(identifier_tokenizer(), text_encoder, text_tokenizer, vision, **options)
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.opts)
+
+    def load_vision_tower(self, vision_state: dict) -> None:
+        raise ConfigError("model 'cart' uses the pretrained EfficientNet-Lite0, frozen; set model.vision_init=none")
+
+    def train(self, mode: bool = True) -> CartBackbone:
+        """Frozen towers stay in eval mode (no dropout, fixed BatchNorm statistics)."""
+        super().train(mode)
+        if not getattr(self, "train_encoder", True):
+            self.text_encoder.eval()
+        return self
+
+    # -- vocabulary ---------------------------------------------------------------------------
+    def add_identifier_tokens(self, tokens: Sequence[str]) -> int:
+        """Add a scheme's tokens; embeddings and head grow (new rows: mean of the old rows + seeded noise)."""
+        before = len(self.tokenizer)
+        added = self.tokenizer.add_tokens(list(tokens), special_tokens=False)
+        if added:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + before)
+            self.model.resize_vocab(len(self.tokenizer), generator)
+        return added
+
+    @torch.no_grad()
+    def init_token_embeddings(self, vectors: Mapping[str, np.ndarray]) -> int:
+        """Set the embedding rows of the given tokens from vectors of any dimension (e.g. codebook vectors).
+
+        Vectors are grouped by dimension; each group goes through :func:`gcr.models.token_init.project_vectors`
+        (the helper every backbone uses: centred, a fixed Gaussian projection seeded by ``seed`` and the
+        dimension, rescaled to the embedding rows' std around their mean row). Returns how many rows were set.
+        """
+        from gcr.models.token_init import project_vectors
+
+        vocab = self.tokenizer.get_vocab()
+        missing = [t for t in vectors if t not in vocab]
+        if missing:
+            raise ConfigError(f"init_token_embeddings: tokens {missing[:5]} are not in the vocabulary; add them first")
+        groups: dict[int, list[str]] = {}
+        for token, vector in vectors.items():
+            array = np.asarray(vector)
+            if array.ndim != 1 or not array.size or not np.isfinite(array).all():
+                raise ConfigError(f"init_token_embeddings: the vector of {token!r} must be a finite 1-D array")
+            groups.setdefault(array.size, []).append(token)
+        weight = self.model.embed.weight
+        for _, tokens in sorted(groups.items()):
+            rows = project_vectors([vectors[t] for t in tokens], weight.shape[1], reference=weight, seed=self.seed)
+            weight[torch.tensor([vocab[t] for t in tokens], device=weight.device)] = rows.to(weight.device, weight.dtype)
+        return sum(len(t) for t in groups.values())
+
+    # -- inputs -------------------------------------------------------------------------------
+    def batch(self, contents: Sequence[Content], targets: Sequence[Sequence[int]] | None = None
+              ) -> dict[str, torch.Tensor]:
+        """Model inputs. ``input_ids``/``attention_mask``: MiniLM ids of the text rows (image rows are padding);
+        ``is_text`` (B,) when the batch mixes modalities; ``image_features`` (N_images, cells + 1, widths), cached;
+        with ``targets`` (ids incl. EOS): ``decoder_input_ids`` (BOS + target[:-1]) and ``labels``, right-padded.
+        """
+        modalities = [c.modality for c in contents]
+        if not contents:
+            raise DataError("an empty batch: there is nothing to encode")
+        bad = sorted(set(modalities) - {"text", "image"})
+        if bad:
+            raise ConfigError(f"model 'cart' reads text and images, not {bad}")
+        texts = [c.value if m == "text" else "" for c, m in zip(contents, modalities)]
+        if any(m == "text" and not t.strip() for m, t in zip(modalities, texts)):
+            raise DataError("empty text input: every caption and query must contain words; fix or drop it")
+        encoded = self.text_tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_text_tokens + 2, return_tensors="pt",
+        )
+        out: dict[str, torch.Tensor] = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        images = [c.value for c, m in zip(contents, modalities) if m == "image"]
+        if images:
+            is_text = torch.tensor([m == "text" for m in modalities])
+            out["input_ids"] = out["input_ids"].masked_fill(~is_text[:, None], self.text_tokenizer.pad_token_id)
+            out["attention_mask"] = out["attention_mask"].masked_fill(~is_text[:, None], 0)
+            out["is_text"] = is_text
+            out["image_features"] = self.image_features(images)
+        if targets is not None:
+            out.update(self._decoder_inputs(targets))
+        return out
+
+    def _decoder_inputs(self, targets: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        lengths = torch.tensor([len(t) for t in targets])
+        if not len(lengths) or int(lengths.min()) < 1:
+            raise DataError("every target needs at least one identifier token (its EOS)")
+        width = int(lengths.max())
+        if width > int(self.opts["max_id_tokens"]):
+            raise DataError(
+                f"an identifier has {width} tokens (EOS included), more than model.max_id_tokens="
+                f"{self.opts['max_id_tokens']}; raise it"
+            )
+        flat = torch.tensor(list(chain.from_iterable(targets)), dtype=torch.long)
+        filled = torch.arange(width)[None, :] < lengths[:, None]
+        labels = torch.full((len(targets), width), IGNORE_INDEX, dtype=torch.long)
+        labels[filled] = flat
+        # BOS, then the target shifted right; positions past the target's end (EOS included) are padding
+        decoder_inputs = torch.cat(
+            [torch.full((len(targets), 1), self.tokenizer.bos_token_id), labels[:, :-1]], dim=1
+        ).masked_fill_(~filled, self.tokenizer.pad_token_id)
+        return {"decoder_input_ids": decoder_inputs, "labels": labels}
+
+    @torch.no_grad()
+    def image_features(self, paths: Sequence[str]) -> torch.Tensor:
+        """(len(paths), cells + 1, sum of widths) float16 stage features, computed once per path."""
+        from gcr.data.karpathy import load_image
+
+        grid = int(self.opts["image_grid"])
+        missing = list(dict.fromkeys(str(p) for p in paths if str(p) not in self._features))
+        step = max(1, int(getattr(self.vision, "batch_size", 32)))
+        for start in range(0, len(missing), step):
+            chunk = missing[start : start + step]
+            pixels = self.vision.preprocess([load_image(p) for p in chunk]).to(self.vision.device)
+            stages = efficientnet_stages(self.vision.net, pixels.contiguous(memory_format=torch.channels_last))
+            tokens = []
+            for x in stages[-self.num_memory_layers :]:
+                x = x.float()
+                cells = F.adaptive_avg_pool2d(x, grid).flatten(2)  # (N, C, grid^2)
+                tokens.append(torch.cat([cells, x.mean(dim=(2, 3))[..., None]], dim=2).transpose(1, 2))
+            rows = torch.cat(tokens, dim=2).to("cpu", torch.float16)  # (N, grid^2 + 1, sum widths)
+            for path, row in zip(chunk, rows):
+                self._features[path] = row.clone()
+        return torch.stack([self._features[str(p)] for p in paths])
+
+    # -- model calls --------------------------------------------------------------------------
+    def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Memory (B, L, T, d) and its key padding mask (B, T), True = a real token."""
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        features = batch.get("image_features")
+        B = ids.shape[0]
+        n_images = 0 if features is None else features.shape[0]
+        if n_images == 0:
+            return self._text_memory(ids, attention), attention.bool()
+        if n_images == B:
+            memory = self.model.image_memory(features)
+            return memory, torch.ones(B, memory.shape[2], dtype=torch.bool, device=memory.device)
+        is_text = batch["is_text"]
+        text = self._text_memory(ids[is_text], attention[is_text])
+        image = self.model.image_memory(features)
+        T = max(text.shape[2], image.shape[2])
+        memory = text.new_zeros(B, self.num_memory_layers, T, text.shape[-1])
+        memory[is_text, :, : text.shape[2]] = text
+        memory[~is_text, :, : image.shape[2]] = image.to(memory.dtype)
+        mask = torch.zeros(B, T, dtype=torch.bool, device=memory.device)
+        mask[is_text, : text.shape[2]] = attention[is_text].bool()
+        mask[~is_text, : image.shape[2]] = True
+        return memory, mask
+
+    def _text_memory(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        grad = self.train_encoder and torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad):
+            hidden = self.text_encoder(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states
+        return self.model.text_memory(hidden)
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Teacher-forced next-token logits (B, T, V) of ``decoder_input_ids`` (batches built with targets)."""
+        memory, mask = self.encode(batch)
+        return self.model.decode(batch["decoder_input_ids"], self.model.memory_cache(memory), mask)[0]
+
+    def sequence_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B,) summed log-probabilities of each row's target (what beam search scores an identifier with)."""
+        log_probs = self.logits(batch).float().log_softmax(-1)
+        labels = batch["labels"]
+        picked = log_probs.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+        return picked.masked_fill(labels == IGNORE_INDEX, 0.0).sum(-1)
+
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``ce``: mean cross-entropy of the identifier tokens; ``kl``: R-Drop's symmetric KL (0 when off)."""
+        labels = batch["labels"]
+        valid = labels != IGNORE_INDEX
+        if not bool(valid.any()):
+            raise DataError("the batch has no identifier tokens to learn (all labels are ignored)")
+        memory, mask = self.encode(batch)
+        caches = self.model.memory_cache(memory)
+        ids = batch["decoder_input_ids"]
+        rdrop = self.training and self.rdrop_weight > 0
+        group = 2 if rdrop else 1
+        # R-Drop: every row twice (item-major, rows 2b and 2b + 1); dropout differs between the copies
+        logits = self.model.decode(ids.repeat_interleave(group, 0), caches, mask, group=group)[0].float()
+        targets = labels.repeat_interleave(group, 0)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        if not rdrop:
+            return {"ce": ce, "kl": ce.new_zeros(())}
+        log_probs = logits.log_softmax(-1).view(labels.shape[0], 2, *logits.shape[1:])
+        first, second = log_probs[:, 0][valid], log_probs[:, 1][valid]
+        kl = 0.5 * (F.kl_div(second, first, reduction="none", log_target=True)
+                    + F.kl_div(first, second, reduction="none", log_target=True)).sum(-1).mean()
+        return {"ce": ce, "kl": kl}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy + ``rdrop_weight`` x symmetric KL of two dropout passes (in training mode)."""
+        terms = self.loss_terms(batch)
+        return terms["ce"] + self.rdrop_weight * terms["kl"] if self.training else terms["ce"]
+
+    # -- decoding -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, batch: dict[str, torch.Tensor], *, logits_processor: Any, num_beams: int,
+                 max_new_tokens: int, synced_gpus: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Constrained beam search under the processor's trie: ``(tokens (B*K, T), scores (B*K,))``.
+
+        Rows are the K best identifiers of each query, best first, EOS-padded after their end; scores are summed
+        log-probs. Slots beyond the identifiers that exist hold EOS tokens and score -1e9.
+        """
+        from gcr.decoding import TrieLogitsProcessor, constrained_beam_search
+
+        if synced_gpus:
+            raise ConfigError("model 'cart' does not support sharded strategies (FSDP/DeepSpeed); use ddp")
+        processors = logits_processor if isinstance(logits_processor, Sequence) else [logits_processor]
+        processor = next((p for p in processors if isinstance(p, TrieLogitsProcessor)), None)
+        if processor is None:
+            raise ConfigError("model 'cart' decodes under a trie: pass a TrieLogitsProcessor in logits_processor")
+        trie, eos = processor.trie, processor.eos_token_id
+        if eos != self.tokenizer.eos_token_id:
+            raise ConfigError(f"the trie's EOS ({eos}) is not the tokenizer's ({self.tokenizer.eos_token_id})")
+        B, K = batch["input_ids"].shape[0], int(num_beams)
+        memory, mask = self.encode(batch)
+        caches = self.model.memory_cache(memory)
+        bos = self.tokenizer.bos_token_id
+        if trie.max_length > int(self.opts["max_id_tokens"]):
+            raise ConfigError(f"identifiers of {trie.max_length} tokens exceed model.max_id_tokens")
+
+        def step(tokens: torch.Tensor, past):
+            t = tokens.shape[1]
+            if t == 0:  # every beam of a query starts from BOS: decode one row per query, then copy it K times
+                logits, present = self.model.decode(tokens.new_full((B, 1), bos), caches, mask)
+                present = [(k.repeat_interleave(K, 0), v.repeat_interleave(K, 0)) for k, v in present]
+                return logits[:, -1].float().log_softmax(-1).repeat_interleave(K, 0), present
+            logits, present = self.model.decode(tokens[:, -1:], caches, mask, group=K, start=t, past=past)
+            return logits[:, -1].float().log_softmax(-1), present
+
+        def reorder(past, beam_idx):
+            return [(k[beam_idx], v[beam_idx]) for k, v in past]
+
+        found = constrained_beam_search(step, trie, B, K, max_new_tokens, reorder_fn=reorder)
+        table = self._identifier_table(trie)
+        missing = found.identifiers < 0
+        tokens = table[found.identifiers.clamp(min=0)].masked_fill(missing[..., None], eos)
+        scores = found.scores.masked_fill(missing, _FILLER)
+        return tokens.view(B * K, -1), scores.view(-1)
+
+    def _identifier_table(self, trie) -> torch.Tensor:
+        """(identifiers, max_length) token ids of every identifier of ``trie``, EOS-padded (cached per trie)."""
+        key = (trie.num_identifiers, trie.max_length, str(trie.device))
+        cached = self._identifier_tables.get(trie)
+        if cached is None or cached[0] != key:
+            width = trie.max_length
+            sequences = trie.sequences()
+            lengths = torch.tensor([len(s) for s in sequences])
+            table = torch.full((len(sequences), width), trie.eos_token_id, dtype=torch.long)
+            table[torch.arange(width)[None, :] < lengths[:, None]] = torch.tensor(
+                list(chain.from_iterable(sequences)), dtype=torch.long
+            )
+            cached = (key, table.to(trie.device))
+            self._identifier_tables[trie] = cached
+        return cached[1]
+
+    def generate_text(self, batch, *, num_beams: int = 3, max_new_tokens: int = 32) -> list[str]:
+        raise ConfigError("model 'cart' only writes identifiers; it cannot caption (use description.source=ground_truth)")
+
+    # -- persistence --------------------------------------------------------------------------
+    def _frozen_prefixes(self) -> tuple[str, ...]:
+        return ("vision.",) if self.train_encoder else ("vision.", "text_encoder.")
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """What :meth:`save` writes: every tensor but the frozen pretrained towers (rebuilt from the packages)."""
+        skip = self._frozen_prefixes()
+        return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.startswith(skip)}
+
+    def save(self, directory: str | Path) -> Path:
+        """``model.safetensors`` (trained weights), the tokenizer, ``backbone.json`` (name and options)."""
+        from safetensors.torch import save
+
+        from gcr.artifacts import atomic_write, write_json
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_write(directory / WEIGHTS_FILE) as fh:
+            fh.write(save(self.trained_state(), metadata={"format": "pt", "backbone": self.name}))
+        self.tokenizer.save_pretrained(directory)
+        write_json(directory / BACKBONE_FILE, {"name": self.name, **self.options()})
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, text_tower: tuple[nn.Module, Any] | None = None,
+                        vision: nn.Module | None = None) -> CartBackbone:
+        """Rebuild what :meth:`save` wrote; the frozen towers come from the packages (or are passed in)."""
+        from safetensors.torch import load_file
+        from transformers import PreTrainedTokenizerFast
+
+        from gcr.artifacts import read_json
+
+        directory = Path(directory)
+        meta = dict(read_json(directory / BACKBONE_FILE, what="backbone description"))
+        if meta.pop("name", cls.name) != cls.name:
+            raise ArtifactError(f"{directory} does not hold a 'cart' backbone")
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
+        text_encoder, text_tokenizer = text_tower if text_tower is not None else load_text_tower()
+        if meta.get("train_encoder") and text_tower is not None:
+            text_encoder = _copy_module(text_encoder)  # its weights are about to be replaced by the trained ones
+        if vision is None:
+            vision = load_image_tower(int(meta.get("image_size", DEFAULTS["image_size"])))
+        backbone = cls(tokenizer, text_encoder, text_tokenizer, vision, **meta)
+        try:
+            state = load_file(str(directory / WEIGHTS_FILE))
+        except Exception as exc:
+            raise ArtifactError(f"{directory / WEIGHTS_FILE} could not be read ({exc})") from exc
+        expected = set(backbone.trained_state())
+        if set(state) != expected:
+            raise ArtifactError(
+                f"{directory} does not fit a 'cart' backbone with its options: missing "
+                f"{sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]}"
+            )
+        backbone.load_state_dict(state, strict=False)
+        return backbone.eval()
+
+
+# -- the packaged towers --------------------------------------------------------------------------
+def load_text_tower() -> tuple[nn.Module, Any]:
+    """MiniLM's HF ``BertModel`` (under the SentenceTransformer) and its tokenizer, from the installed package."""
+    from gcr.encoders import MiniLMTextEncoder
+
+    model = MiniLMTextEncoder().model
+    first = model[0]
+    return first.auto_model, model.tokenizer
+
+
+def load_image_tower(image_size: int = 224) -> nn.Module:
+    from gcr.encoders import EfficientNetImageEncoder
+
+    return EfficientNetImageEncoder(image_size=int(image_size))
+
+
+def _copy_module(module: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(module)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Deterministic initialisation that leaves the global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
