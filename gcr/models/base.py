@@ -41,6 +41,8 @@ class GenerativeBackbone(nn.Module):
     """Base class: subclasses build ``model``/``tokenizer`` and may override how prompts look."""
 
     name = ""
+    #: False for identifier-only decoders (``cart``): the description captioner then uses a ``tiny`` model.
+    writes_text = True
 
     def __init__(
         self,

@@ -372,6 +372,7 @@ class CartBackbone(GenerativeBackbone):
     """CART: frozen MiniLM / EfficientNet-Lite0 layers -> coarse-to-fine fusion -> compact identifier decoder."""
 
     name = "cart"
+    writes_text = False
 
     def __init__(self, tokenizer: Any, text_encoder: nn.Module, text_tokenizer: Any, vision: nn.Module,
                  **options: Any):
@@ -695,7 +696,9 @@ class CartBackbone(GenerativeBackbone):
         return cached[1]
 
     def generate_text(self, batch, *, num_beams: int = 3, max_new_tokens: int = 32) -> list[str]:
-        raise ConfigError("model 'cart' only writes identifiers; it cannot caption (use description.source=ground_truth)")
+        raise ConfigError(
+            "model 'cart' only writes identifiers; it cannot caption (gcr captions with a tiny model instead)"
+        )
 
     # -- persistence --------------------------------------------------------------------------
     def _frozen_prefixes(self) -> tuple[str, ...]:

@@ -21,6 +21,12 @@ from gcr.errors import ConfigError
 log = logging.getLogger("gcr")
 
 
+def _writes_text(model_name: str) -> bool:
+    from gcr.registry import BACKBONES
+
+    return bool(getattr(BACKBONES.get(model_name), "writes_text", True))
+
+
 def generated_captions(cfg: DictConfig, corpus: Corpus, backbone_factory: Callable) -> dict[str, str]:
     """One caption per image of ``corpus`` from the configured captioner (cached on disk)."""
     d = cfg.description
@@ -36,7 +42,8 @@ def generated_captions(cfg: DictConfig, corpus: Corpus, backbone_factory: Callab
     if d.captioner != "backbone":
         raise ConfigError(f"unknown description.captioner {d.captioner!r}; choose backbone or hf")
     spec = {
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        # a model that cannot write text (cart) is replaced by a default tiny captioner (pipeline._captioner_factory)
+        "model": OmegaConf.to_container(cfg.model, resolve=True) if _writes_text(cfg.model.name) else "tiny-default",
         "description": OmegaConf.to_container(d, resolve=True),
         "dense": OmegaConf.to_container(cfg.dense, resolve=True) if cfg.model.get("vision_init") == "dense" else None,
         "seed": int(cfg.seed),

@@ -227,8 +227,18 @@ def _described(cfg: DictConfig, corpus: Corpus, task, dense):
     if d.source == "generated" and task.direction == "t2i":
         from gcr.train.captioner import generated_captions
 
-        captions = generated_captions(cfg, corpus, lambda c: _build_backbone(cfg, c, dense))
+        captions = generated_captions(cfg, corpus, _captioner_factory(cfg, dense))
     return describe_targets(task, corpus, d.source, heldout_caption=int(d.heldout_caption), captions=captions)
+
+
+def _captioner_factory(cfg: DictConfig, dense):
+    """``corpus -> backbone`` for the description captioner: the run's model, or ``tiny`` if it cannot write text."""
+    if getattr(BACKBONES.get(cfg.model.name), "writes_text", True):
+        return lambda corpus: _build_backbone(cfg, corpus, dense)
+    log.info("model %r cannot write captions; the description captioner is a tiny model", cfg.model.name)
+    from gcr.models.tiny import TinyBackbone
+
+    return lambda corpus: TinyBackbone.create(corpus)
 
 
 def _caption_queries(cfg: DictConfig, corpus: Corpus, task, index, dense) -> list:
@@ -243,7 +253,7 @@ def _caption_queries(cfg: DictConfig, corpus: Corpus, task, index, dense) -> lis
     from gcr.train.captioner import generated_captions
     from gcr.train.datamodule import Example
 
-    captions = generated_captions(cfg, corpus, lambda c: _build_backbone(cfg, c, dense))
+    captions = generated_captions(cfg, corpus, _captioner_factory(cfg, dense))
     return [
         Example(Content.text(captions[t.target_id]), tuple(index.token_ids[index.identifier_of(t.target_id)]))
         for t in task.targets if captions.get(t.target_id, "").strip()
