@@ -391,3 +391,32 @@ def test_pipeline_fits_cart_with_hkmeans(tmp_path):
     for direction in ("t2i", "i2t"):
         assert (run_dir / direction / "backbone" / "model.safetensors").is_file()
         assert json.loads((run_dir / direction / "backbone" / "backbone.json").read_text())["name"] == "cart"
+
+
+# -- text-to-audio through precomputed features: the whole path on a generated fixture ------------------------------
+def test_pipeline_fits_cart_scheme_on_precomputed_audio_features(tmp_path):
+    import json
+
+    from gcr.cli import compose, config_dir
+    from gcr.data.feature_items import write_feature_items_fixture
+    from gcr.train.pipeline import evaluate, fit
+
+    items = write_feature_items_fixture(tmp_path / "clotho", num_items=40, dim=24, seed=0)
+    cfg = compose([
+        f"output_dir={tmp_path / 'runs'}", "data=feature_items", "data.name=toy-audio",
+        f"data.json={items}", f"data.features={items.parent}",
+        "model=cart", "scheme=cart", "scheme.coarse_k=4", "scheme.levels=2", "scheme.codebook_size=8", "scheme.steps=100",
+        "features.encoder=precomputed", "dense=pretrained", "dense.max_epochs=5",
+        "trainer.max_epochs=2", "decoding.num_beams=5", "model.d_model=64", "model.num_layers=1", "model.ffn_dim=128",
+    ], config_dir())
+    results = fit(cfg)
+    rows = {(r["method"], r["direction"]): r for r in results["rows"]}
+    assert set(rows) == {(m, d) for m in ("dense-pretrained", "cart") for d in ("t2i", "i2t")}
+    cart = rows[("cart", "t2i")]
+    assert cart["index"]["collision_rate"] == 0.0 and 0.0 <= cart["index"]["collision_rate_before_unique"] <= 1.0
+    assert "fine0_used_share" in cart["index"], "codebook usage is recorded with the results"
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    backbone = json.loads((run_dir / "t2i" / "backbone" / "backbone.json").read_text())
+    assert backbone["feature_dim"] == 24
+    again = evaluate(run_dir / "t2i")  # reload the saved backbone (its feature projection) and score again
+    assert again["rows"][0]["metrics"]["R@10"] == cart["metrics"]["R@10"]

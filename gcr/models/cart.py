@@ -68,6 +68,7 @@ DEFAULTS: dict[str, Any] = {
     "max_id_tokens": 32,
     "image_size": 224,
     "image_grid": 4,
+    "feature_dim": 0,  # width of precomputed item features (audio/video); set from the corpus by create()
     "seed": 0,
 }
 
@@ -270,7 +271,7 @@ class CartNetwork(nn.Module):
 
     def __init__(self, vocab_size: int, *, text_widths: Sequence[int], image_widths: Sequence[int],
                  image_tokens: int, d_model: int, num_layers: int, num_heads: int, ffn_dim: int, dropout: float,
-                 fusion: str, max_id_tokens: int):
+                 fusion: str, max_id_tokens: int, feature_dim: int = 0):
         super().__init__()
         if len(text_widths) != len(image_widths):
             raise ConfigError("the text and image towers must give the same number of layers")
@@ -279,6 +280,10 @@ class CartNetwork(nn.Module):
         self.image_proj = nn.ModuleList(nn.Sequential(nn.LayerNorm(w), nn.Linear(w, d_model)) for w in image_widths)
         self.image_widths = [int(w) for w in image_widths]
         self.image_pos = nn.Parameter(torch.zeros(image_tokens, d_model))  # cells + the pooled token
+        # precomputed item features (audio/video embeddings): one memory token per layer, its own projection each
+        self.feature_proj = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(feature_dim), nn.Linear(feature_dim, d_model)) for _ in text_widths
+        ) if feature_dim else None
         self.memory_drop = nn.Dropout(dropout)
         self.embed = nn.Embedding(vocab_size, d_model)
         self.pos = nn.Embedding(max_id_tokens + 1, d_model)  # BOS + up to max_id_tokens
@@ -307,6 +312,12 @@ class CartNetwork(nn.Module):
         """(N, cells + 1, sum of stage widths) cached features -> (N, L, cells + 1, d)."""
         parts = features.float().split(self.image_widths, dim=-1)
         return torch.stack([proj(x) + self.image_pos for proj, x in zip(self.image_proj, parts)], dim=1)
+
+    def feature_memory(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(N, D) precomputed item features -> (N, L, 1, d)."""
+        if self.feature_proj is None:
+            raise ConfigError("this cart model was built without feature_dim; build it with create(corpus) of feature items")
+        return torch.stack([proj(vectors.float()) for proj in self.feature_proj], dim=1)[:, :, None]
 
     def memory_cache(self, memory: torch.Tensor) -> list[dict]:
         """Per decoder layer, the fusion's keys/values of the memory (computed once per query)."""
@@ -396,7 +407,7 @@ class CartBackbone(GenerativeBackbone):
                 image_tokens=int(opts["image_grid"]) ** 2 + 1,
                 d_model=int(opts["d_model"]), num_layers=int(opts["num_layers"]), num_heads=int(opts["num_heads"]),
                 ffn_dim=int(opts["ffn_dim"]), dropout=float(opts["dropout"]), fusion=str(opts["fusion"]),
-                max_id_tokens=int(opts["max_id_tokens"]),
+                max_id_tokens=int(opts["max_id_tokens"]), feature_dim=int(opts["feature_dim"]),
             )
         super().__init__(network, tokenizer, max_text_tokens=int(opts["max_text_tokens"]))
         self.opts = opts
@@ -437,6 +448,8 @@ class CartBackbone(GenerativeBackbone):
         if unknown:
             raise ConfigError(f"unknown option(s) {unknown} for model 'cart'; known: {', '.join(DEFAULTS)}")
         cls._check_options({**DEFAULTS, **options})
+        if corpus is not None and corpus.meta.get("feature_dim") and "feature_dim" not in options:
+            options = {**options, "feature_dim": int(corpus.meta["feature_dim"])}
         text_encoder, text_tokenizer = load_text_tower()
         vision = load_image_tower(int(options.get("image_size", DEFAULTS["image_size"])))
         return cls(identifier_tokenizer(), text_encoder, text_tokenizer, vision, **options)
@@ -500,9 +513,11 @@ class CartBackbone(GenerativeBackbone):
         modalities = [c.modality for c in contents]
         if not contents:
             raise DataError("an empty batch: there is nothing to encode")
-        bad = sorted(set(modalities) - {"text", "image"})
+        bad = sorted(set(modalities) - {"text", "image", "feature"})
         if bad:
-            raise ConfigError(f"model 'cart' reads text and images, not {bad}")
+            raise ConfigError(f"model 'cart' reads text, images and precomputed features, not {bad}")
+        if {"image", "feature"} <= set(modalities):
+            raise DataError("a batch mixes images and precomputed features; a corpus holds one item modality")
         texts = [c.value if m == "text" else "" for c, m in zip(contents, modalities)]
         if any(m == "text" and not t.strip() for m, t in zip(modalities, texts)):
             raise DataError("empty text input: every caption and query must contain words; fix or drop it")
@@ -510,13 +525,18 @@ class CartBackbone(GenerativeBackbone):
             texts, padding=True, truncation=True, max_length=self.max_text_tokens + 2, return_tensors="pt",
         )
         out: dict[str, torch.Tensor] = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-        images = [c.value for c, m in zip(contents, modalities) if m == "image"]
-        if images:
+        items = [c.value for c, m in zip(contents, modalities) if m != "text"]
+        if items:
             is_text = torch.tensor([m == "text" for m in modalities])
             out["input_ids"] = out["input_ids"].masked_fill(~is_text[:, None], self.text_tokenizer.pad_token_id)
             out["attention_mask"] = out["attention_mask"].masked_fill(~is_text[:, None], 0)
             out["is_text"] = is_text
-            out["image_features"] = self.image_features(images)
+            if "feature" in modalities:
+                from gcr.features import read_precomputed
+
+                out["item_features"] = read_precomputed(items, normalize=True)
+            else:
+                out["image_features"] = self.image_features(items)
         if targets is not None:
             out.update(self._decoder_inputs(targets))
         return out
@@ -568,16 +588,16 @@ class CartBackbone(GenerativeBackbone):
         """Memory (B, L, T, d) and its key padding mask (B, T), True = a real token."""
         ids, attention = batch["input_ids"], batch["attention_mask"]
         features = batch.get("image_features")
+        vectors = batch.get("item_features")
         B = ids.shape[0]
-        n_images = 0 if features is None else features.shape[0]
+        n_images = 0 if features is None and vectors is None else (features if vectors is None else vectors).shape[0]
         if n_images == 0:
             return self._text_memory(ids, attention), attention.bool()
+        image = self.model.image_memory(features) if vectors is None else self.model.feature_memory(vectors)
         if n_images == B:
-            memory = self.model.image_memory(features)
-            return memory, torch.ones(B, memory.shape[2], dtype=torch.bool, device=memory.device)
+            return image, torch.ones(B, image.shape[2], dtype=torch.bool, device=image.device)
         is_text = batch["is_text"]
         text = self._text_memory(ids[is_text], attention[is_text])
-        image = self.model.image_memory(features)
         T = max(text.shape[2], image.shape[2])
         memory = text.new_zeros(B, self.num_memory_layers, T, text.shape[-1])
         memory[is_text, :, : text.shape[2]] = text
