@@ -205,7 +205,7 @@ JSON_CASES = {
         _set(0, "sentences", [{"raw": "   ", "sentid": 99}]),
         r"audio entry 0 \(a0000\): empty caption \(sentid '99', audio id a0000\); fix: write the caption text",
     ),
-    "duplicate id": (_set(3, "id", "a0001"), r"duplicate audio id 'a0001' in items 1 and 3; fix: give every item a unique 'id'"),
+    "duplicate id": (_set(3, "id", "a0001"), r"duplicate audio id 'a0001' in entries 1 and 3; fix: give every item a unique 'id'"),
     "duplicate sentid": (
         _set(3, "sentences", [{"raw": "A dog barks.", "sentid": 0}]),
         r"duplicate caption id \(sentid\) '0'.*fix: give every sentence a unique sentid",

@@ -252,7 +252,7 @@ def load_feature_items(
     (memory-mapped, never unpickled) and every referenced vector checked. The corpus is named ``name``,
     else the JSON's ``dataset``, else the file's stem. Raises :class:`DataError` on malformed input.
     """
-    from gcr.data.karpathy import _map_with_progress, _read_json
+    from gcr.data.karpathy import _map_with_progress, _read_json, collect_records
 
     json_path, root = Path(json), Path(features)
     if restval_as not in SPLITS:
@@ -284,37 +284,10 @@ def load_feature_items(
             "'feature' paths are relative to"
         )
 
-    records: list[ImageRecord] = []
-    seen_items: dict[str, int] = {}
-    seen_captions: dict[str, str] = {}
-    for index, entry in enumerate(entries):
-        record = _parse_item(json_path, root, index, entry, restval_as, modality)
-        if record.image_id in seen_items:
-            raise DataError(
-                f"{json_path}: duplicate {modality} id {record.image_id!r} in items {seen_items[record.image_id]} "
-                f"and {index}; fix: give every item a unique 'id'"
-            )
-        seen_items[record.image_id] = index
-        for caption in record.captions:
-            if caption.caption_id in seen_captions:
-                raise DataError(
-                    f"{json_path}: duplicate caption id (sentid) {caption.caption_id!r} in {modality} items "
-                    f"{seen_captions[caption.caption_id]!r} and {record.image_id!r}; "
-                    "fix: give every sentence a unique sentid"
-                )
-            seen_captions[caption.caption_id] = record.image_id
-        records.append(record)
-
-    counts = {s: 0 for s in SPLITS}
-    for rec in records:
-        counts[rec.split] += 1
-    for split in require_splits:
-        if counts[split] == 0:
-            raise DataError(
-                f"{json_path}: missing split {split!r}: no item has split {split!r} "
-                f"(counts: {', '.join(f'{k}={v}' for k, v in counts.items())}); "
-                f"fix: use a JSON with a {split} split, or relabel some items' 'split' field"
-            )
+    parsed = (_parse_item(json_path, root, index, entry, restval_as, modality) for index, entry in enumerate(entries))
+    records, counts = collect_records(
+        json_path, parsed, require_splits, noun=modality, id_fix="give every item a unique 'id'"
+    )
 
     by_file: dict[Path, list[tuple[int, ImageRecord]]] = {}
     for index, rec in enumerate(records):

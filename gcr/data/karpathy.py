@@ -82,36 +82,10 @@ def load_karpathy(
         )
 
     images: list[ImageRecord] = []
-    seen_images: dict[str, int] = {}
-    seen_captions: dict[str, str] = {}
-    for index, entry in enumerate(entries):
-        record = _parse_entry(json_path, image_root, index, entry, restval_as)
-        if record.image_id in seen_images:
-            raise DataError(
-                f"{json_path}: duplicate image id {record.image_id!r} in entries {seen_images[record.image_id]} "
-                f"and {index}; fix: give every image a unique cocoid/imgid"
-            )
-        seen_images[record.image_id] = index
-        for caption in record.captions:
-            if caption.caption_id in seen_captions:
-                raise DataError(
-                    f"{json_path}: duplicate caption id (sentid) {caption.caption_id!r} in images "
-                    f"{seen_captions[caption.caption_id]!r} and {record.image_id!r}; "
-                    "fix: give every sentence a unique sentid"
-                )
-            seen_captions[caption.caption_id] = record.image_id
-        images.append(record)
-
-    counts = {s: 0 for s in SPLITS}
-    for im in images:
-        counts[im.split] += 1
-    for split in require_splits:
-        if counts.get(split, 0) == 0:
-            raise DataError(
-                f"{json_path}: missing split {split!r}: no image has split {split!r} "
-                f"(counts: {', '.join(f'{k}={v}' for k, v in counts.items())}); "
-                f"fix: use a JSON with a {split} split, or relabel some images' 'split' field"
-            )
+    records = (_parse_entry(json_path, image_root, index, entry, restval_as) for index, entry in enumerate(entries))
+    images, counts = collect_records(
+        json_path, records, require_splits, noun="image", id_fix="give every image a unique cocoid/imgid"
+    )
 
     if check_images != "none":
         _check_image_files(images, check_images, image_root)
@@ -189,6 +163,43 @@ def _field_error(
     if isinstance(name, str) or (field == "id" and isinstance(name, int) and not isinstance(name, bool)):
         label += f" ({name})"
     return DataError(f"{json_path}: {label}: {problem}; fix: {fix}")
+
+
+def collect_records(
+    json_path: Path, records: Iterable[ImageRecord], require_splits: Iterable[str], *, noun: str, id_fix: str
+) -> tuple[list[ImageRecord], dict[str, int]]:
+    """The records as a list, after checking that item and caption ids are unique and every required split has
+    an item; returns them with the per-split counts. ``noun`` names an item in messages (image, audio, ...)."""
+    out: list[ImageRecord] = []
+    seen_items: dict[str, int] = {}
+    seen_captions: dict[str, str] = {}
+    for index, record in enumerate(records):
+        if record.image_id in seen_items:
+            raise DataError(
+                f"{json_path}: duplicate {noun} id {record.image_id!r} in entries {seen_items[record.image_id]} "
+                f"and {index}; fix: {id_fix}"
+            )
+        seen_items[record.image_id] = index
+        for caption in record.captions:
+            if caption.caption_id in seen_captions:
+                raise DataError(
+                    f"{json_path}: duplicate caption id (sentid) {caption.caption_id!r} in {noun} items "
+                    f"{seen_captions[caption.caption_id]!r} and {record.image_id!r}; "
+                    "fix: give every sentence a unique sentid"
+                )
+            seen_captions[caption.caption_id] = record.image_id
+        out.append(record)
+    counts = {s: 0 for s in SPLITS}
+    for record in out:
+        counts[record.split] += 1
+    for split in require_splits:
+        if counts.get(split, 0) == 0:
+            raise DataError(
+                f"{json_path}: missing split {split!r}: no {noun} has split {split!r} "
+                f"(counts: {', '.join(f'{k}={v}' for k, v in counts.items())}); "
+                f"fix: use a JSON with a {split} split, or relabel some entries' 'split' field"
+            )
+    return out, counts
 
 
 def _parse_entry(json_path: Path, image_root: Path, index: int, entry: Any, restval_as: str) -> ImageRecord:
