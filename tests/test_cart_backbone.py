@@ -37,15 +37,6 @@ SMALL = {"d_model": 64, "num_layers": 2, "num_heads": 4, "ffn_dim": 128}
 TOKENS = [f"<a_{i}>" for i in range(4)] + [f"<b_{i}>" for i in range(4)] + [f"<u_{i}>" for i in range(3)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine two OpenMP threads mostly wait on each other (a training
-    step here: ~2 s with 2 threads, ~20 ms with 1). Module scope, so the module fixtures run under it too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def towers():

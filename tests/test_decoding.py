@@ -353,9 +353,6 @@ HF_VOCAB, HF_EOS, HF_PAD = 50, 2, 0
 
 @pytest.fixture(scope="module")
 def model() -> Iterator[LlamaForCausalLM]:
-    # One intra-op thread: the model is tiny, and spinning OpenMP workers only slow it on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=HF_VOCAB,
@@ -370,7 +367,6 @@ def model() -> Iterator[LlamaForCausalLM]:
         pad_token_id=HF_PAD,
     )
     yield LlamaForCausalLM(config).eval()
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import json
 import math
 
 import pytest
-import torch
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
@@ -28,13 +27,10 @@ DUPLICATE = "a red circle on a striped background"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small inputs: one thread is faster and does not fight other processes for the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_blas_thread():
+    """Small K-Means fits: one BLAS/OpenMP thread is faster (torch is set to one thread in conftest.py)."""
     with threadpool_limits(limits=1):
         yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

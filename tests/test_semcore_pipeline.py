@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from gcr.cli import compose, config_dir
 from gcr.data.corpus import retrieval_task
@@ -29,7 +28,6 @@ TINY = [
 def semcore_run(tmp_path_factory):
     from gcr.train.pipeline import fit
 
-    torch.set_num_threads(1)  # small models on a shared 2-core machine: threads only add barriers
     tmp = tmp_path_factory.mktemp("semcore")
     overrides = [f"output_dir={tmp / 'runs'}", f"data.root={tmp / 'data'}", *TINY,
                  "scheme=semcore", "gsv.enabled=true", "augment.caption_queries=true"]
