@@ -216,7 +216,9 @@ def _feature_encoder(name: str, corpus: Corpus):
 
 def _evaluation_task(cfg: DictConfig, corpus: Corpus, direction: str):
     """The direction's task as every method of the run is scored on it (``description=heldout`` drops queries)."""
-    d = cfg.description
+    d = cfg.get("description")  # absent from runs made before gcr had descriptions: all queries count
+    if d is None:
+        return retrieval_task(corpus, direction)
     return evaluation_task(retrieval_task(corpus, direction), corpus, d.source, heldout_caption=int(d.heldout_caption))
 
 
@@ -262,7 +264,7 @@ def _caption_queries(cfg: DictConfig, corpus: Corpus, task, index, dense) -> lis
 
 def _verifier(cfg: DictConfig, task, index, backbone):
     """GSV (``gsv.enabled``): the verifier and its (image, caption, hard negative) training triples."""
-    if not cfg.gsv.enabled:
+    if not cfg.get("gsv", {}).get("enabled", False):
         return None, []
     from gcr.verification import GenerativeVerifier, hard_negative_pairs
 
