@@ -199,8 +199,10 @@ def test_mixed_batches_pad_memories_and_match_single_modality_batches(towers, im
     assert torch.isfinite(backbone(batch))
     with pytest.raises(DataError):
         backbone.batch([Content.text("  ")])
-    with pytest.raises(ConfigError):
-        backbone.batch([Content.feature("x.npy")])
+    with pytest.raises(ConfigError, match="reads text, images and precomputed features"):
+        backbone.batch([Content("audio-waveform", "x.wav")])
+    with pytest.raises(DataError, match="mixes images and precomputed features"):
+        backbone.batch([Content.image(images[0]), Content.feature("x.npy")])
 
 
 def test_image_features_are_the_towers_stages_and_cached(towers, images, monkeypatch):

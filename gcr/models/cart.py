@@ -448,7 +448,7 @@ class CartBackbone(GenerativeBackbone):
         if unknown:
             raise ConfigError(f"unknown option(s) {unknown} for model 'cart'; known: {', '.join(DEFAULTS)}")
         cls._check_options({**DEFAULTS, **options})
-        if corpus is not None and corpus.meta.get("feature_dim") and "feature_dim" not in options:
+        if corpus is not None and corpus.meta.get("feature_dim") and not options.get("feature_dim"):
             options = {**options, "feature_dim": int(corpus.meta["feature_dim"])}
         text_encoder, text_tokenizer = load_text_tower()
         vision = load_image_tower(int(options.get("image_size", DEFAULTS["image_size"])))
