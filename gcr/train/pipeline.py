@@ -164,9 +164,15 @@ def _build_backbone(cfg: DictConfig, corpus: Corpus, dense):
 def _wandb_logger(cfg: DictConfig, run_dir: Path, name: str):
     if not cfg.wandb.enabled:
         return False
+    import os
+
     from lightning.pytorch.loggers import WandbLogger
 
-    return WandbLogger(project=cfg.wandb.project, name=name, save_dir=str(run_dir), offline=cfg.wandb.mode == "offline")
+    # The mode goes to wandb.init itself: Lightning's offline=True only sets $WANDB_MODE, which a wandb
+    # already set up in this process (e.g. by an earlier bench) no longer reads.
+    mode = os.environ.get("WANDB_MODE") or cfg.wandb.mode
+    mode = "offline" if mode == "dryrun" else mode
+    return WandbLogger(project=cfg.wandb.project, name=name, save_dir=str(run_dir), offline=mode == "offline", mode=mode)
 
 
 # -- fit ----------------------------------------------------------------------------------------
