@@ -60,11 +60,7 @@ class PretrainedFeatureEncoder:
             self.dims["feature"] = int(feature_dim)
 
     def dim_for(self, modality: str) -> int:
-        if modality == "feature" and "feature" not in self.dims:
-            raise _feature_dim_error(self)
-        if modality not in self.dims:
-            raise ConfigError(f"unknown modality {modality!r}; choose one of {', '.join(self.modalities)}")
-        return self.dims[modality]
+        return _dim_for(self, modality)
 
     def fingerprint(self) -> str:
         both = f"pretrained:text={self.text.fingerprint()}:image={self.image.fingerprint()}"
@@ -124,11 +120,7 @@ class PrecomputedFeatureEncoder:
             self.dims["feature"] = corpus.meta["feature_dim"]
 
     def dim_for(self, modality: str) -> int:
-        if modality == "feature" and "feature" not in self.dims:
-            raise _feature_dim_error(self)
-        if modality not in self.dims:
-            raise ConfigError(f"unknown modality {modality!r}; choose one of {', '.join(self.modalities)}")
-        return self.dims[modality]
+        return _dim_for(self, modality)
 
     def fingerprint(self) -> str:
         spec = f"precomputed:text={self.text.fingerprint()}:normalize={self.normalize}"
@@ -153,6 +145,15 @@ class PrecomputedFeatureEncoder:
             "the precomputed encoder reads stored feature vectors (items given as .npy embeddings) and text, "
             "not image files; fix: features.encoder=pretrained (or efficientnet) for image targets"
         )
+
+
+def _dim_for(encoder: Any, modality: str) -> int:
+    """Feature width of ``modality`` for an encoder with ``dims`` and ``modalities`` (both encoders here)."""
+    if modality == "feature" and "feature" not in encoder.dims:
+        raise _feature_dim_error(encoder)
+    if modality not in encoder.dims:
+        raise ConfigError(f"unknown modality {modality!r}; choose one of {', '.join(encoder.modalities)}")
+    return encoder.dims[modality]
 
 
 def build_feature_encoder(
