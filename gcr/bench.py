@@ -236,7 +236,8 @@ def _relabel(rows: list[dict[str, Any]], run: _Run) -> list[dict[str, Any]]:
             continue  # the bench evaluates the dense baseline itself, once per seed
         row = dict(row)
         method = row["method"]
-        row["method"] = run.label + (method[len(scheme):] if method.startswith(scheme) else "")
+        suffix = method[len(scheme):] if method.startswith(scheme) else ""
+        row["method"] = run.label + suffix.replace("+rgs", "")  # how it trained is the label's business
         row["seed"] = run.seed
         out.append(row)
     return out

@@ -5,6 +5,7 @@
     gcr eval ckpt=PATH                 re-evaluate a run folder, direction folder or .ckpt
     gcr bench NAME [key=value ...]     every run of configs/bench/NAME.yaml (or a YAML path), every seed:
                                        one table (mean ± std over seeds), results.json, recall_at_k.png
+    gcr explain RUN --text "a red star" retrieve with an RGS-trained run and generate why each result matches
     gcr schemes                        registered identifier schemes (built-in and plugins)
     gcr data shapes --out DIR -n N     generate the shapes corpus in Karpathy format
 
@@ -156,6 +157,22 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from gcr.explain import explain_query, query_content
+
+    found = explain_query(args.run, query_content(args.text, args.image), direction=args.direction, top=args.top)
+    table = Table(title=f"gcr explain: {args.text or args.image}")
+    for column in ("rank", "identifier", "targets", "score", "rationale"):
+        table.add_column(column, overflow="fold")
+    for e in found:
+        table.add_row(str(e.rank), e.identifier, ", ".join(e.targets[:3]), f"{e.score:.2f}", e.rationale)
+    Console().print(table)
+    return 0
+
+
 def cmd_schemes(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -202,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("overrides", nargs="*", help="key=value overrides applied to every run of the bench")
     bench.add_argument("--config-dir", help="folder holding config.yaml, the config groups and bench/")
     bench.set_defaults(func=cmd_bench)
+    ex = sub.add_parser("explain", help="retrieve for one query and generate each result's rationale (runs with rgs)")
+    ex.add_argument("run", help="a run folder trained with rgs.enabled=true")
+    ex.add_argument("--text", help="a caption query (text-to-image)")
+    ex.add_argument("--image", help="an image file query (image-to-text)")
+    ex.add_argument("--direction", choices=["t2i", "i2t"], help="default: t2i for --text, i2t for --image")
+    ex.add_argument("--top", type=int, default=3, help="results to explain")
+    ex.set_defaults(func=cmd_explain)
     sc = sub.add_parser("schemes", help="list identifier schemes (built-in and plugins)")
     sc.set_defaults(func=cmd_schemes)
     data = sub.add_parser("data", help="generate a dataset")

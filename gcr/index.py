@@ -99,10 +99,15 @@ class IdentifierIndex:
             scheme_state=scheme.state_dict(),
         )
 
-    def tokenize(self, tokenizer: Any) -> IdentifierIndex:
-        """Compute every identifier's token ids (+ EOS); distinct identifiers must stay distinct."""
+    def tokenize(self, tokenizer: Any, *, end_token_id: int | None = None) -> IdentifierIndex:
+        """Compute every identifier's token ids (+ the end token); distinct identifiers must stay distinct.
+
+        Identifiers end with EOS, or with ``end_token_id`` (Rationale-Guided Supervision ends them with its
+        separator, after which the model writes a rationale that retrieval never decodes).
+        """
         if tokenizer.eos_token_id is None:
             raise IdentifierError("the tokenizer has no EOS token; identifiers need one to end")
+        end = tokenizer.eos_token_id if end_token_id is None else int(end_token_id)
         encoded = tokenizer(self.identifiers, add_special_tokens=False)["input_ids"]
         unk = tokenizer.unk_token_id
         token_ids = []
@@ -114,7 +119,9 @@ class IdentifierIndex:
                     f"identifier {ident!r} contains tokens unknown to the tokenizer; "
                     "add the scheme's new_tokens() to the tokenizer before tokenizing"
                 )
-            token_ids.append([*ids, tokenizer.eos_token_id])
+            if end in ids:
+                raise IdentifierError(f"identifier {ident!r} contains its own end token {end}; it could never be decoded")
+            token_ids.append([*ids, end])
         seen: dict[tuple[int, ...], str] = {}
         for ident, ids in zip(self.identifiers, token_ids):
             other = seen.setdefault(tuple(ids), ident)
@@ -125,7 +132,7 @@ class IdentifierIndex:
         self.token_ids = token_ids
         self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
         self.vocab_size = len(tokenizer)
-        self.eos_token_id = tokenizer.eos_token_id
+        self.eos_token_id = end
         self._trie = None
         return self
 

@@ -179,6 +179,9 @@ SCHEMES.register_lazy(
 SCHEMES.register_lazy(
     "cart", "gcr.schemes.cart:CartScheme", "CART coarse-to-fine ID: K-Means coarse token + RQ-VAE fine tokens + unique token"
 )
+SCHEMES.register_lazy(
+    "ssi", "gcr.schemes.ssi:SsiScheme", "SSI structured semantic ID: concept words in fields (objects | action | ...)"
+)
 BACKBONES.register_lazy("tiny", "gcr.models.tiny:TinyBackbone", "LLaVA-style HF model from config, random init")
 BACKBONES.register_lazy("hf", "gcr.models.hf:HFBackbone", "any HF image-text-to-text checkpoint (hub name or folder), LoRA")
 BACKBONES.register_lazy("smol", "gcr.models.smol:SmolBackbone", "SmolLM2-135M + frozen EfficientNet-Lite0 + projector, offline, LoRA")

@@ -53,7 +53,7 @@ class ConstrainedRetriever:
         self.backbone = backbone
         self.index = index
         self.positions = index.subset(target_ids) if target_ids is not None else list(range(len(index)))
-        self.eos = backbone.tokenizer.eos_token_id
+        self.eos = backbone.tokenizer.eos_token_id if index.eos_token_id is None else index.eos_token_id
         self.trie = index.trie(self.positions)
         if self.trie.vocab_size > len(backbone.tokenizer):
             raise DecodingError(

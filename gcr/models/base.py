@@ -26,6 +26,15 @@ IGNORE_INDEX = -100
 BACKBONE_FILE = "backbone.json"
 
 
+def _end_token(logits_processor: Any, default: int) -> int:
+    """The token that ends an identifier: the trie processor's (EOS, or the RGS separator), else ``default``."""
+    processors = logits_processor if isinstance(logits_processor, Sequence) else [logits_processor]
+    for p in processors:
+        if hasattr(p, "trie") and hasattr(p, "eos_token_id"):
+            return int(p.eos_token_id)
+    return default
+
+
 def unreadable_modality(backbone: str, content: Content) -> ConfigError:
     """The error for a content a backbone cannot read (precomputed audio/video features, or unknown)."""
     if content.modality == "feature":
@@ -164,7 +173,7 @@ class GenerativeBackbone(nn.Module):
             length_penalty=0.0,
             early_stopping=False,
             pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
+            eos_token_id=_end_token(logits_processor, self.tokenizer.eos_token_id),
             bos_token_id=self.tokenizer.bos_token_id,
             return_dict_in_generate=True,
             output_scores=True,

@@ -672,7 +672,8 @@ class CartBackbone(GenerativeBackbone):
             raise ConfigError("model 'cart' decodes under a trie: pass a TrieLogitsProcessor in logits_processor")
         trie, eos = processor.trie, processor.eos_token_id
         if eos != self.tokenizer.eos_token_id:
-            raise ConfigError(f"the trie's EOS ({eos}) is not the tokenizer's ({self.tokenizer.eos_token_id})")
+            raise ConfigError(f"the trie's end token ({eos}) is not the tokenizer's EOS ({self.tokenizer.eos_token_id}); "
+                              "model 'cart' cannot write rationales: set rgs.enabled=false")
         B, K = batch["input_ids"].shape[0], int(num_beams)
         memory, mask = self.encode(batch)
         caches = self.model.memory_cache(memory)

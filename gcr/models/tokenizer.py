@@ -24,11 +24,12 @@ RESERVED_WORDS = (*",;:|-", *"0123456789")
 
 
 def train_corpus_tokenizer(
-    texts: Iterable[str], vocab_size: int = 1000, min_frequency: int = 1
+    texts: Iterable[str], vocab_size: int = 1000, min_frequency: int = 1, reserved_words: Iterable[str] = ()
 ) -> PreTrainedTokenizerFast:
     """Lower-cased word-level tokenizer of the ``vocab_size`` most frequent words; the rest map to ``<unk>``.
 
-    Special tokens and :data:`RESERVED_WORDS` come first and count towards ``vocab_size``.
+    Special tokens, :data:`RESERVED_WORDS` and ``reserved_words`` (e.g. an identifier scheme's field names)
+    come first and count towards ``vocab_size``.
     """
     normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -37,7 +38,7 @@ def train_corpus_tokenizer(
     )
     specials = list(SPECIAL_TOKENS.values())
     words = sorted((w for w, n in counts.items() if n >= min_frequency and w not in specials), key=lambda w: (-counts[w], w))
-    reserved = [w for w in RESERVED_WORDS if w not in specials]
+    reserved = list(dict.fromkeys(w.lower() for w in (*RESERVED_WORDS, *reserved_words) if w not in specials))
     words = [w for w in words if w not in reserved]
     head = [*specials, *reserved]
     vocab = {t: i for i, t in enumerate([*head, *words[: max(0, vocab_size - len(head))]])}

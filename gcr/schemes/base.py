@@ -65,6 +65,11 @@ class IdentifierScheme(ABC):
         maps unknown words to ``<unk>``, which no identifier may contain). The default ignores it.
         """
 
+    def reserved_words(self) -> list[str]:
+        """Words the identifiers use as structure (e.g. field names); a tokenizer built from the corpus
+        (the ``tiny`` backbone's) always holds them. Not new tokens: pretrained tokenizers spell them."""
+        return []
+
     def new_tokens(self) -> list[str]:
         """Tokens the model's vocabulary must gain; empty for natural-language identifiers."""
         return []
@@ -76,6 +81,11 @@ class IdentifierScheme(ABC):
         start where the scheme's geometry puts them rather than at random. Empty: no preference.
         """
         return {}
+
+    def rationales(self) -> list[str]:
+        """One sentence per target of the last :meth:`fit` explaining its identifier (Rationale-Guided
+        Supervision trains on them, ``rgs.enabled``). Empty: the scheme has none."""
+        return []
 
     def stats(self) -> dict[str, Any]:
         """Statistics of the last :meth:`fit` (e.g. codebook usage) recorded with the results."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import lightning as L
@@ -24,22 +24,35 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from gcr.data.corpus import Content, Query, RetrievalTask
 from gcr.index import IdentifierIndex
+from gcr.rationales import rationale_mask
 
 
 @dataclass(frozen=True)
 class Example:
     content: Content
-    target: tuple[int, ...]  # identifier token ids, ending with EOS
+    target: tuple[int, ...]  # identifier token ids, ending with EOS (or the RGS separator)
+    rationale: tuple[int, ...] = ()  # RGS: the target's rationale tokens + EOS, trained after the identifier
 
 
-def training_examples(task: RetrievalTask, index: IdentifierIndex, *, indexing: bool = True) -> list[Example]:
-    """Indexing examples for all targets plus retrieval examples for the train queries."""
+def training_examples(
+    task: RetrievalTask, index: IdentifierIndex, *, indexing: bool = True,
+    rationales: Mapping[str, Sequence[int]] | None = None,
+) -> list[Example]:
+    """Indexing examples for all targets plus retrieval examples for the train queries.
+
+    With ``rationales`` (target id -> token ids), every example also carries its target's rationale.
+    """
     ids = index.token_ids
+    rationales = rationales or {}
+
+    def example(content: Content, target_id: str) -> Example:
+        return Example(content, tuple(ids[index.identifier_of(target_id)]), tuple(rationales.get(target_id, ())))
+
     examples = []
     if indexing:
-        examples += [Example(t.content, tuple(ids[index.identifier_of(t.target_id)])) for t in task.targets]
+        examples += [example(t.content, t.target_id) for t in task.targets]
     for q in task.queries_of("train"):
-        examples += [Example(q.content, tuple(ids[index.identifier_of(r)])) for r in q.relevant]
+        examples += [example(q.content, r) for r in q.relevant]
     return examples
 
 
@@ -105,13 +118,14 @@ class GenerativeDataModule(L.LightningDataModule):
         pairs_per_step: int = 16,
         seed: int = 0,
         extra_examples: list[Example] | None = None,
+        rationales: Mapping[str, Sequence[int]] | None = None,
     ):
         super().__init__()
         self.task, self.index, self.backbone = task, index, backbone
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.indexing, self.num_workers = indexing, num_workers
         # extra_examples: e.g. caption-enhanced pseudo-queries (a generated caption -> its image's identifier)
-        self.examples = training_examples(task, index, indexing=indexing) + list(extra_examples or [])
+        self.examples = training_examples(task, index, indexing=indexing, rationales=rationales) + list(extra_examples or [])
         # GSV: every training batch also carries `pairs_per_step` (image, positive, hard negative) triples
         self.verifier, self.verification_pairs = verifier, list(verification_pairs or [])
         self.pairs_per_step = int(pairs_per_step)
@@ -125,7 +139,9 @@ class GenerativeDataModule(L.LightningDataModule):
         self._rng = random.Random(self.seed * 1_000_003 + rank)
 
     def _collate_train(self, batch: list[Example]):
-        ids = self.backbone.batch([e.content for e in batch], [e.target for e in batch])
+        ids = self.backbone.batch([e.content for e in batch], [e.target + e.rationale for e in batch])
+        if any(e.rationale for e in batch):  # RGS: the module weighs these label positions separately
+            ids["rationale_mask"] = rationale_mask(ids["input_ids"].shape[1], [len(e.rationale) for e in batch])
         if self.verifier is None or not self.verification_pairs:
             return ids
         pairs = self._rng.sample(self.verification_pairs, min(self.pairs_per_step, len(self.verification_pairs)))

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 
 from gcr.data.corpus import Query
+from gcr.rationales import rgs_loss
 from gcr.retrieval import Retrieved
 
 
@@ -30,6 +31,7 @@ class GenerativeRetrievalModule(L.LightningModule):
         warmup_ratio: float = 0.05,
         verifier=None,
         gsv_loss_weight: float = 1.0,
+        rationale_weight: float = 1.0,
     ):
         super().__init__()
         self.backbone = backbone
@@ -37,6 +39,7 @@ class GenerativeRetrievalModule(L.LightningModule):
         # re-ranks each evaluation query's candidates; it shares the backbone's weights (no parameters of its own).
         self.verifier = verifier
         self.gsv_loss_weight = float(gsv_loss_weight)
+        self.rationale_weight = float(rationale_weight)  # RGS: loss = identifier + weight * rationale
         self.verification_seconds = 0.0
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
         self.retrievers: dict[str, object] = {}  # split -> ConstrainedRetriever, set by a callback
@@ -58,13 +61,26 @@ class GenerativeRetrievalModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_checkpoint_keys(set(checkpoint["state_dict"]), set(self.state_dict()), self.frozen_keys())
 
+    def _identifier_loss(self, batch: dict) -> torch.Tensor:
+        """Cross-entropy of the identifier tokens; with RGS, plus the weighted rationale tokens' own mean."""
+        if "rationale_mask" not in batch:
+            return self.backbone(batch)
+        inputs = {k: v for k, v in batch.items() if k != "rationale_mask"}
+        loss, id_loss, rationale_loss = rgs_loss(
+            self.backbone.logits(inputs), batch["labels"], batch["rationale_mask"], self.rationale_weight
+        )
+        size = batch["input_ids"].shape[0]
+        self.log("train/rgs_id_loss", id_loss, batch_size=size)
+        self.log("train/rationale_loss", rationale_loss, prog_bar=True, batch_size=size)
+        return loss
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if "ids" not in batch:
-            loss = self.backbone(batch)
+            loss = self._identifier_loss(batch)
             self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
             return loss
         size = batch["ids"]["input_ids"].shape[0]
-        id_loss = self.backbone(batch["ids"])
+        id_loss = self._identifier_loss(batch["ids"])
         gsv_loss = self.verifier.loss(batch["gsv_pos"], batch["gsv_neg"])
         loss = id_loss + self.gsv_loss_weight * gsv_loss
         self.log("train/loss", loss, prog_bar=True, batch_size=size)

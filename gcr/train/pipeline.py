@@ -25,15 +25,15 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from gcr.artifacts import load_tensors, read_json
+from gcr.artifacts import load_tensors, write_json
 from gcr.data.corpus import Corpus, retrieval_task
 from gcr.data.sources import load_dataset
 from gcr.descriptions import check_source, describe_targets, evaluation_task
 from gcr.errors import ArtifactError, ConfigError
 from gcr.features import cached_target_features
 from gcr.index import IdentifierIndex
-from gcr.models.base import BACKBONE_FILE
 from gcr.models.dense import DualEncoder
+from gcr.models.loading import load_backbone
 from gcr.models.tokenizer import train_corpus_tokenizer
 from gcr.registry import BACKBONES
 from gcr.results import ResultRow, build_results, save_results
@@ -83,9 +83,9 @@ def _dense_dir(cfg: DictConfig, corpus: Corpus) -> Path:
     return Path(cfg.cache_dir) / f"dense-{corpus.fingerprint()}-{key.hexdigest()[:10]}"
 
 
-def corpus_tokenizer(corpus: Corpus, vocab_size: int):
-    """The word-piece tokenizer of the train captions (deterministic, so retraining is cheap)."""
-    return train_corpus_tokenizer((c.text for c in corpus.captions("train")), vocab_size)
+def corpus_tokenizer(corpus: Corpus, vocab_size: int, reserved_words=()):
+    """The word-level tokenizer of the train captions (deterministic, so retraining is cheap)."""
+    return train_corpus_tokenizer((c.text for c in corpus.captions("train")), vocab_size, reserved_words=reserved_words)
 
 
 def dense_baseline(cfg: DictConfig, corpus: Corpus):
@@ -147,12 +147,16 @@ def _frozen_dense(cfg: DictConfig, corpus: Corpus, directory: Path):
     return encoder, seconds
 
 
-def _build_backbone(cfg: DictConfig, corpus: Corpus, dense):
-    """``model.name`` from the backbone registry; every key but ``name``/``vision_init`` is a create() option."""
+def _build_backbone(cfg: DictConfig, corpus: Corpus, dense, reserved_words=()):
+    """``model.name`` from the backbone registry; every key but ``name``/``vision_init`` is a create() option.
+
+    ``reserved_words``: words a corpus-built tokenizer (``tiny``) must hold, e.g. an identifier scheme's
+    field names; pretrained tokenizers spell any word.
+    """
     options = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in ("name", "vision_init")}
     backbone_class = BACKBONES.get(cfg.model.name)
     if cfg.model.name == "tiny":
-        options["tokenizer"] = corpus_tokenizer(corpus, cfg.model.vocab_size)
+        options["tokenizer"] = corpus_tokenizer(corpus, cfg.model.vocab_size, reserved_words)
     backbone = backbone_class.create(corpus, **options)
     if cfg.model.get("vision_init", "random") == "dense":
         if dense is None:
@@ -283,15 +287,30 @@ def _verifier(cfg: DictConfig, task, index, backbone):
     return verifier, hard_negative_pairs(task, token_ids)
 
 
+def _rationale_setup(cfg: DictConfig, scheme, task, index, backbone):
+    """Rationale-Guided Supervision (``rgs.enabled``): the separator and every target's rationale tokens."""
+    r = cfg.get("rgs")
+    if r is None or not r.enabled:
+        return None
+    if not getattr(type(backbone), "writes_text", True):
+        raise ConfigError(f"rgs.enabled=true needs a backbone that writes text; model {cfg.model.name!r} cannot")
+    from gcr.rationales import supervision
+
+    rationales = scheme.rationales()
+    by_target = dict(zip([t.target_id for t in task.targets], rationales)) if rationales else {}
+    return supervision(backbone.tokenizer, index.identifiers, by_target, separator=str(r.separator),
+                       weight=float(r.weight), scheme=scheme.name, max_tokens=int(r.max_tokens))
+
+
 def _fit_direction(cfg, corpus, task, dense, out_dir: Path, scheme_options) -> list[ResultRow]:
     L.seed_everything(cfg.seed, workers=True)
     scheme = build_scheme(cfg.scheme.name, seed=cfg.seed, **scheme_options)
-    backbone = _build_backbone(cfg, corpus, dense)
+    backbone = _build_backbone(cfg, corpus, dense, scheme.reserved_words())
     scheme.bind_tokenizer(backbone.tokenizer)
     if scheme.uses_descriptions:
         task = _described(cfg, corpus, task, dense)
         L.seed_everything(cfg.seed, workers=True)  # the same weights whether or not a captioner trained first
-        backbone = _build_backbone(cfg, corpus, dense)
+        backbone = _build_backbone(cfg, corpus, dense, scheme.reserved_words())
     features = None
     if scheme.needs_features:
         encoder = dense if cfg.features.encoder == "dense" else _feature_encoder(cfg.features.encoder, corpus)
@@ -299,6 +318,12 @@ def _fit_direction(cfg, corpus, task, dense, out_dir: Path, scheme_options) -> l
             encoder, cfg.features.encoder, task.targets, corpus_fingerprint=corpus.fingerprint(),
             cache_dir=cfg.cache_dir, batch_size=cfg.features.batch_size,
         )
+    if getattr(scheme, "generator", None) == "mllm":  # ssi: the run's (pretrained) MLLM writes the fields
+        if not getattr(type(backbone), "writes_text", True):
+            raise ConfigError(f"ssi.generator=mllm needs a backbone that writes text; model {cfg.model.name!r} cannot")
+        from gcr.rationales import mllm_answerer
+
+        scheme.answerer = mllm_answerer(backbone, batch_size=int(cfg.eval.batch_size))
     t0 = time.perf_counter()
     assignments = scheme.fit(task.targets, features)
     index = IdentifierIndex.build(
@@ -309,18 +334,23 @@ def _fit_direction(cfg, corpus, task, dense, out_dir: Path, scheme_options) -> l
     backbone.add_identifier_tokens(scheme.new_tokens())
     for group in scheme.token_vectors().values():  # e.g. CART: tokens start at their codebook vectors
         backbone.init_token_embeddings(group)
-    index.tokenize(backbone.tokenizer)
+    rgs = _rationale_setup(cfg, scheme, task, index, backbone)
+    index.tokenize(backbone.tokenizer, end_token_id=rgs.separator_id if rgs else None)
     index.save(out_dir)
+    if rgs is not None:
+        write_json(out_dir / "rationales.json", dict(zip([t.target_id for t in task.targets], scheme.rationales())))
 
     verifier, pairs = _verifier(cfg, task, index, backbone)
     module = GenerativeRetrievalModule(
         backbone, lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, warmup_ratio=cfg.trainer.warmup_ratio,
         verifier=verifier, gsv_loss_weight=float(cfg.gsv.loss_weight),
+        rationale_weight=float(rgs.weight) if rgs else 1.0,
     )
     data = GenerativeDataModule(
         task, index, backbone, batch_size=cfg.trainer.batch_size, eval_batch_size=cfg.eval.batch_size,
         verifier=verifier, verification_pairs=pairs, pairs_per_step=int(cfg.gsv.pairs_per_step), seed=int(cfg.seed),
         extra_examples=_caption_queries(cfg, corpus, task, index, dense),
+        rationales=rgs.token_ids if rgs else None,
     )
     evaluation = RetrievalEvaluation(tuple(cfg.eval.ks))
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0)
@@ -348,6 +378,8 @@ def _rows(cfg: DictConfig, direction: str, results: dict, train_seconds, stats: 
     from gcr.train.callbacks import VERIFIED
 
     method, seed = cfg.scheme.name, int(cfg.seed)
+    if cfg.get("rgs") is not None and cfg.rgs.enabled:
+        method += "+rgs"
     rows = [ResultRow(method, "generative", direction, dict(results["test"]), train_seconds, index=stats, seed=seed)]
     if "test" + VERIFIED in results:
         rows.append(ResultRow(method + VERIFIED, "generative", direction, dict(results["test" + VERIFIED]),
@@ -360,7 +392,7 @@ def evaluate(path: str | Path, overrides: DictConfig | None = None) -> dict[str,
     """Re-evaluate a finished run (a run folder, a direction folder, or a ``.ckpt`` inside one)."""
     path = Path(path)
     ckpt = path if path.suffix == ".ckpt" else None
-    run_dir = _find_run_dir(path)
+    run_dir = find_run_dir(path)
     cfg = OmegaConf.load(run_dir / "config.yaml")
     if overrides is not None:
         cfg = OmegaConf.merge(cfg, overrides)
@@ -376,7 +408,7 @@ def evaluate(path: str | Path, overrides: DictConfig | None = None) -> dict[str,
         task = _evaluation_task(cfg, corpus, direction)
         out_dir = run_dir / direction
         index = IdentifierIndex.load(out_dir, scheme=cfg.scheme.name, corpus_fingerprint=corpus.fingerprint(), direction=direction)
-        backbone = _load_backbone(out_dir / "backbone")
+        backbone = load_backbone(out_dir / "backbone")
         if ckpt is not None:
             state = load_tensors(ckpt, what="checkpoint")["state_dict"]
             module = GenerativeRetrievalModule(backbone)
@@ -395,13 +427,8 @@ def evaluate(path: str | Path, overrides: DictConfig | None = None) -> dict[str,
     return build_results(cfg, corpus, rows)
 
 
-def _load_backbone(directory: Path):
-    """Reload a saved backbone with the class named in its ``backbone.json``."""
-    meta = read_json(directory / BACKBONE_FILE, what="backbone description")
-    return BACKBONES.get(meta.get("name", "tiny")).from_pretrained(directory)
-
-
-def _find_run_dir(path: Path) -> Path:
+def find_run_dir(path: Path) -> Path:
+    """The run folder (holding ``config.yaml``) that ``path`` is, or lies in (up to 3 levels down)."""
     for candidate in [path, *path.parents][:4]:
         if (candidate / "config.yaml").is_file():
             return candidate

@@ -1,0 +1,282 @@
+"""Structured Semantic Identifiers (SSI): concept-level words in fixed fields, in the model's own vocabulary.
+
+``objects: dog, frisbee | action: jump | attributes: brown | scene: park`` -- the field set and order
+come from the config (``fields``); empty fields are left out. Concepts are normalized (lemmas, lower
+case, sorted within a field) so that equal meanings give equal identifiers, and each field keeps its
+``max_per_field`` most *specific* concepts (rarest across targets first). No new tokens are added.
+
+Generators:
+
+* ``parser`` -- a deterministic concept extractor over the target's description
+  (:mod:`gcr.schemes.concepts`: spaCy when installed, else a lexicon learned from the descriptions).
+* ``mllm`` -- the run's backbone is prompted with the target (image) and its description and the answer
+  is parsed into fields (:func:`~gcr.schemes.concepts.parse_fields`); an unusable answer is retried with a
+  stricter prompt, then falls back to the parser. :meth:`SsiScheme.stats` counts each outcome.
+
+Collisions: the target's next most specific concept is added, then a number. Every target also gets a
+one-sentence *rationale* (:meth:`SsiScheme.rationales`), from the MLLM's answer or templated from the
+fields, which Rationale-Guided Supervision (``rgs.enabled``) trains on.
+
+As with ``semcore``, the scheme reads ``Target.text``: the pipeline replaces it with a leakage-free
+description (``description=heldout|generated``), so no test query builds its own target's identifier.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from gcr.data.corpus import Target
+from gcr.errors import ConfigError
+from gcr.schemes.base import IdentifierScheme
+from gcr.schemes.concepts import ROLES, LexiconConcepts, build_extractor, parse_fields
+from gcr.schemes.words import Spellable, tokenizer_spelling
+
+log = logging.getLogger("gcr")
+#: Words of :func:`template_rationale` (a corpus-built tokenizer reserves them, like the field names).
+TEMPLATE_WORDS = ("it", "shows", "matches", "that", "is", "and", "on")
+GENERATORS = ("parser", "mllm")
+#: First prompt, then the stricter retry; ``{fields}`` is the field list, ``{description}`` the description.
+PROMPTS = (
+    "{description} . list the {fields} of this image, then a rationale . answer :",
+    "{description} . answer exactly as ' {example} | rationale : <one sentence> ' . answer :",
+)
+#: ``answerer(targets, prompts) -> answers``: the MLLM, set by the pipeline for ``generator=mllm``.
+Answerer = Callable[[Sequence[Target], Sequence[str]], list[str]]
+
+
+class SsiScheme(IdentifierScheme):
+    """SSI: concept words in fixed fields (objects | action | attributes | scene); no new tokens."""
+
+    name = "ssi"
+    uses_descriptions = True
+
+    def __init__(
+        self,
+        seed: int = 0,
+        fields: Sequence[str] = ROLES,
+        max_per_field: int = 3,
+        generator: str = "parser",
+        parser: str = "auto",
+        mllm_attempts: int = 2,
+        field_separator: str = "|",
+        **options: Any,
+    ):
+        fields = [str(f) for f in fields]
+        if not fields or len(set(fields)) != len(fields):
+            raise ConfigError(f"ssi.fields must name at least one field, each once; got {fields}")
+        if generator not in GENERATORS:
+            raise ConfigError(f"ssi.generator={generator!r} is not one of {', '.join(GENERATORS)}")
+        unknown = [f for f in fields if f not in ROLES]
+        if generator == "parser" and unknown:
+            raise ConfigError(
+                f"ssi.fields {unknown} are unknown to the parser generator (it fills {', '.join(ROLES)}); "
+                "use generator=mllm for free-form fields"
+            )
+        if max_per_field < 1 or mllm_attempts < 1:
+            raise ConfigError("ssi needs max_per_field >= 1 and mllm_attempts >= 1")
+        self.fields, self.max_per_field, self.generator, self.parser = fields, int(max_per_field), generator, parser
+        self.mllm_attempts, self.field_separator = int(mllm_attempts), str(field_separator)
+        super().__init__(seed=seed, **options)
+        self.spellable: Spellable = lambda word: True
+        self.answerer: Answerer | None = None
+        self._extractor: Any = None
+        self._df: Counter = Counter()
+        self._num_fitted = 0
+        self._taken: Counter = Counter()
+        self._rationales: list[str] = []
+        self._stats: dict[str, Any] = {}
+
+    def reserved_words(self) -> list[str]:
+        return [*self.fields, *TEMPLATE_WORDS]
+
+    def bind_tokenizer(self, tokenizer: Any) -> None:
+        self.spellable = tokenizer_spelling(tokenizer)
+        for symbol in (":", ",", self.field_separator, *self.fields):
+            if not self.spellable(symbol):
+                raise ConfigError(f"the model's tokenizer cannot spell {symbol!r}, which ssi identifiers use")
+
+    # -- fitting ------------------------------------------------------------------------------
+    def fit(self, targets: Sequence[Target], features: np.ndarray | None = None) -> list[str]:
+        descriptions = self._descriptions(targets)
+        self._extractor = build_extractor(self.parser, descriptions)
+        self._stats = {"parser": type(self._extractor).__name__.removesuffix("Concepts").lower()}
+        parsed = self._generate(targets, descriptions)
+        concepts = [self._normalize(p) for p in parsed]
+        self._df = Counter(c for fields in concepts for c in {w for words in fields.values() for w in words})
+        self._num_fitted = len(targets)
+        self._taken = Counter()
+        self._rationales = []
+        return self._identifiers(concepts, parsed)
+
+    def assign(self, targets: Sequence[Target], features: np.ndarray | None = None) -> list[str]:
+        if self._extractor is None:
+            raise ConfigError("ssi.assign needs a fitted scheme; call fit (or load the index) first")
+        descriptions = self._descriptions(targets)
+        parsed = self._generate(targets, descriptions)
+        return self._identifiers([self._normalize(p) for p in parsed], parsed)
+
+    def _descriptions(self, targets: Sequence[Target]) -> list[str]:
+        empty = [t.target_id for t in targets if not t.text.strip()]
+        if empty:
+            raise ConfigError(
+                f"ssi needs a description for every target; {len(empty)} are empty (e.g. {empty[:3]}); "
+                "check the description source (description=heldout|generated) and the captions"
+            )
+        return [t.text for t in targets]
+
+    def _generate(self, targets: Sequence[Target], descriptions: list[str]) -> list[dict[str, list[str]]]:
+        """Fields per target: from the parser, or from the MLLM with retries and the parser as fallback."""
+        if self.generator == "parser":
+            return self._extractor.extract(descriptions)
+        if self.answerer is None:
+            raise ConfigError("ssi.generator=mllm needs an MLLM backbone that writes text (model=smol|hf)")
+        parsed: list[dict[str, list[str]] | None] = [None] * len(targets)
+        pending = list(range(len(targets)))
+        example = " | ".join(f"{f} : ..." for f in self.fields)
+        counts = Counter()
+        for attempt in range(self.mllm_attempts):
+            if not pending:
+                break
+            template = PROMPTS[min(attempt, len(PROMPTS) - 1)]
+            prompts = [template.format(description=descriptions[i], fields=" , ".join(self.fields), example=example)
+                       for i in pending]
+            answers = self.answerer([targets[i] for i in pending], prompts)
+            still = []
+            for i, answer in zip(pending, answers):
+                parsed[i] = parse_fields(answer, self.fields)
+                if parsed[i] is None:
+                    still.append(i)
+                else:
+                    counts["mllm_first_try" if attempt == 0 else "mllm_after_retry"] += 1
+            pending = still
+        if pending:
+            fallback = self._extractor.extract([descriptions[i] for i in pending])
+            for i, fields in zip(pending, fallback):
+                parsed[i] = fields
+        counts["mllm_fallback"] = len(pending)
+        self._stats.update({k: int(v) for k, v in counts.items()})
+        if pending:
+            log.warning("ssi: %d of %d MLLM answers were unusable after %d attempts; their fields come from the "
+                        "parser", len(pending), len(targets), self.mllm_attempts)
+        return [p or {} for p in parsed]
+
+    def _normalize(self, fields: dict[str, list[str]]) -> dict[str, list[str]]:
+        """Lemmas, lower case, words the tokenizer can spell, each concept once (first field wins)."""
+        out: dict[str, list[str]] = {}
+        seen: set[str] = set()
+        for field in self.fields:
+            kept = []
+            for concept in fields.get(field, []):
+                words = [self._extractor.lemma(w) for w in concept.lower().split()]
+                words = [w for w in words if w.isalpha() and self.spellable(w)]
+                concept = " ".join(words)
+                if concept and concept not in seen:
+                    seen.add(concept)
+                    kept.append(concept)
+            out[field] = kept
+        return out
+
+    # -- identifiers --------------------------------------------------------------------------
+    def _specificity(self, concept: str) -> float:
+        """Rarer concepts are more specific: inverse document frequency over the fitted targets."""
+        return math.log((1 + self._num_fitted) / (1 + self._df[concept]))
+
+    def _ranked(self, concepts: list[str]) -> list[str]:
+        order = {c: i for i, c in enumerate(concepts)}
+        return sorted(concepts, key=lambda c: (-self._specificity(c), order[c]))
+
+    def _join(self, chosen: dict[str, list[str]]) -> str:
+        parts = [f"{f} : {' , '.join(sorted(chosen[f]))}" for f in self.fields if chosen.get(f)]
+        return f" {self.field_separator} ".join(parts)
+
+    def _identifiers(self, concepts: list[dict[str, list[str]]], parsed: list[dict[str, list[str]]]) -> list[str]:
+        out, suffixed, wordless = [], 0, 0
+        for fields, raw in zip(concepts, parsed):
+            ranked = {f: self._ranked(fields.get(f, [])) for f in self.fields}
+            chosen = {f: ranked[f][: self.max_per_field] for f in self.fields}
+            spare = self._ranked([c for f in self.fields for c in ranked[f][self.max_per_field:]])
+            field_of = {c: f for f in self.fields for c in ranked[f]}
+            sid = self._join(chosen)
+            wordless += not sid
+            for extra in spare:  # the next most specific concept first: a suffix that still means something
+                if sid and not self._taken[sid]:
+                    break
+                chosen[field_of[extra]] = [*chosen[field_of[extra]], extra]
+                sid = self._join(chosen)
+            if not sid or self._taken[sid]:
+                base, n = sid, max(1, self._taken[sid])
+                while self._taken[candidate := self._number_suffix(base, n)]:
+                    n += 1
+                self._taken[base] += 1
+                sid, suffixed = candidate, suffixed + 1
+            self._taken[sid] += 1
+            out.append(sid)
+            rationale = raw.get("rationale", [""])[0] if raw.get("rationale") else ""
+            self._rationales.append(_clean_sentence(rationale or template_rationale(chosen), self.spellable))
+        self._stats.update({"number_suffixed": suffixed, "wordless": wordless})
+        if wordless > 0.1 * max(1, len(out)):
+            log.warning("ssi: %d of %d descriptions gave no concept; check the descriptions and the parser",
+                        wordless, len(out))
+        return out
+
+    def _number_suffix(self, base: str, n: int) -> str:
+        number = str(n) if self.spellable(str(n)) else " ".join(str(n))
+        return f"{base} {self.field_separator} {number}" if base else number
+
+    # -- rationales, stats, state -------------------------------------------------------------
+    def rationales(self) -> list[str]:
+        """One sentence per target of the last :meth:`fit` (then :meth:`assign`), in the same order."""
+        return list(self._rationales)
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._stats)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed, "fields": list(self.fields), "max_per_field": self.max_per_field,
+            "generator": self.generator, "parser": self.parser, "mllm_attempts": self.mllm_attempts,
+            "field_separator": self.field_separator,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        roles = self._extractor.roles if isinstance(self._extractor, LexiconConcepts) else None
+        return {"df": dict(self._df), "num_fitted": self._num_fitted, "taken": dict(self._taken), "lexicon": roles}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._df = Counter(state.get("df", {}))
+        self._num_fitted = int(state.get("num_fitted", 0))
+        self._taken = Counter(state.get("taken", {}))
+        if state.get("lexicon") is not None:
+            self._extractor = LexiconConcepts()
+            self._extractor.roles = dict(state["lexicon"])
+        elif self._num_fitted:
+            self._extractor = build_extractor("spacy", [])  # the lexicon is saved above; spaCy is stateless
+
+
+def template_rationale(fields: dict[str, list[str]]) -> str:
+    """A one-sentence rationale from the identifier's fields (the ``parser`` generator's RGS target)."""
+    objects = " and ".join(sorted(fields.get("objects", []))) or "it"
+    sentence = f"it shows {objects}" if objects != "it" else "it matches"
+    if fields.get("attributes"):
+        sentence += f" that is {' and '.join(sorted(fields['attributes']))}"
+    if fields.get("action"):
+        sentence += f" , {' and '.join(sorted(fields['action']))}"
+    if fields.get("scene"):
+        sentence += f" , on {' '.join(sorted(fields['scene']))}"
+    for field, words in fields.items():
+        if field not in ROLES and words:
+            sentence += f" , {field} {' and '.join(sorted(words))}"
+    return sentence
+
+
+def _clean_sentence(text: str, spellable: Spellable) -> str:
+    """An MLLM rationale cut to its first sentence, keeping words the tokenizer can spell."""
+    sentence = text.strip().split(".")[0] or "it matches"
+    words = [w for w in sentence.lower().replace(",", " , ").split() if spellable(w)]
+    return " ".join(words)
