@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from gcr.data.corpus import Content, Query, RetrievalTask
 from gcr.index import IdentifierIndex
 from gcr.rationales import rationale_mask
+from gcr.train.reproducible import EpochShuffleSampler
 
 
 @dataclass(frozen=True)
@@ -157,10 +158,15 @@ class GenerativeDataModule(L.LightningDataModule):
         return EvalBatch([q for q, _ in batch], [c for _, c in batch])  # the retriever builds model inputs itself
 
     def train_dataloader(self) -> DataLoader:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            order = {"shuffle": True}  # Lightning's DistributedSampler: already a function of (seed, epoch)
+        else:
+            order = {"sampler": EpochShuffleSampler(len(self.examples), self.seed)}  # resumable order
         return DataLoader(
             self.examples,
             batch_size=self.batch_size,
-            shuffle=True,
+            **order,
             collate_fn=self._collate_train,
             num_workers=self.num_workers,
         )

@@ -42,6 +42,7 @@ from gcr.train.callbacks import ConstrainedDecoding, RetrievalEvaluation
 from gcr.train.datamodule import GenerativeDataModule
 from gcr.train.dense import DenseModule, evaluate_dense, pair_loader, train_frozen_dense
 from gcr.train.module import GenerativeRetrievalModule, check_checkpoint_keys
+from gcr.train.reproducible import AtomicCheckpointIO, EpochSeed
 
 log = logging.getLogger("gcr")
 # Noise that says nothing about a gcr run: a Lightning-internal deprecation, and a note that our
@@ -73,6 +74,7 @@ def _trainer(cfg: DictConfig, *, max_epochs: int, run_dir: Path | None, callback
         log_every_n_steps=int(t.log_every_n_steps),
         deterministic=False,
         enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
     )
 
 
@@ -354,7 +356,8 @@ def _fit_direction(cfg, corpus, task, dense, out_dir: Path, scheme_options) -> l
     )
     evaluation = RetrievalEvaluation(tuple(cfg.eval.ks))
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0)
-    callbacks = [ConstrainedDecoding(task, index, num_beams=cfg.decoding.num_beams), evaluation, checkpoints]
+    callbacks = [ConstrainedDecoding(task, index, num_beams=cfg.decoding.num_beams), evaluation, checkpoints,
+                 EpochSeed(int(cfg.seed))]
     trainer = _trainer(
         cfg, max_epochs=int(cfg.trainer.max_epochs), run_dir=out_dir, callbacks=callbacks,
         loggers=_wandb_logger(cfg, out_dir, f"{cfg.run_name}-{task.direction}"),
