@@ -80,6 +80,22 @@ def test_eval_from_checkpoint_reproduces_the_fit_metrics(hkmeans_run):
     assert "hkmeans" in proc.stdout
 
 
+def test_eval_refuses_a_checkpoint_from_another_direction_or_scheme(hkmeans_run, tmp_path):
+    """The image-to-text model's checkpoint put where the text-to-image one belongs is named, not evaluated."""
+    import shutil
+
+    _, run_dir, _ = hkmeans_run
+    foreign = run_dir / "t2i" / "checkpoints" / "foreign.ckpt"
+    shutil.copy(run_dir / "i2t" / "checkpoints" / "last.ckpt", foreign)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "gcr.cli", "eval", f"ckpt={foreign}"], capture_output=True,
+                              text=True, cwd=tmp_path)
+    finally:
+        foreign.unlink()
+    assert proc.returncode == 2
+    assert "direction 'i2t' (this run: 't2i')" in proc.stderr and "run folder it came from" in proc.stderr
+
+
 def test_retriever_returns_only_indexed_test_targets(hkmeans_run):
     from omegaconf import OmegaConf
 

@@ -32,6 +32,7 @@ class GenerativeRetrievalModule(L.LightningModule):
         verifier=None,
         gsv_loss_weight: float = 1.0,
         rationale_weight: float = 1.0,
+        identity: dict | None = None,
     ):
         super().__init__()
         self.backbone = backbone
@@ -40,6 +41,7 @@ class GenerativeRetrievalModule(L.LightningModule):
         self.verifier = verifier
         self.gsv_loss_weight = float(gsv_loss_weight)
         self.rationale_weight = float(rationale_weight)  # RGS: loss = identifier + weight * rationale
+        self.identity = identity  # scheme, direction, tokenizer fingerprint: saved in checkpoints, checked on eval
         self.verification_seconds = 0.0
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
         self.retrievers: dict[str, object] = {}  # split -> ConstrainedRetriever, set by a callback
@@ -57,6 +59,8 @@ class GenerativeRetrievalModule(L.LightningModule):
         frozen = self.frozen_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         checkpoint["gcr_frozen_keys"] = sorted(frozen)
+        if self.identity is not None:
+            checkpoint["gcr_identity"] = dict(self.identity)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_checkpoint_keys(set(checkpoint["state_dict"]), set(self.state_dict()), self.frozen_keys())
@@ -128,6 +132,20 @@ class GenerativeRetrievalModule(L.LightningModule):
             milestones=[warmup],
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def check_checkpoint_identity(saved: dict | None, expected: dict, path) -> None:
+    """A checkpoint trained for another scheme, direction or tokenizer is refused, naming both."""
+    from gcr.errors import ArtifactError
+
+    if saved is None:
+        return  # written before gcr recorded identities: the key and shape checks still apply
+    differing = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
+    if differing:
+        what = ", ".join(f"{k} {a!r} (this run: {b!r})" for k, (a, b) in differing.items())
+        raise ArtifactError(
+            f"checkpoint {path} was trained with {what}; evaluate it with the run folder it came from"
+        )
 
 
 def check_checkpoint_keys(saved: set[str], expected: set[str], frozen: set[str]) -> None:

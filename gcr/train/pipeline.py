@@ -41,7 +41,7 @@ from gcr.schemes import build_scheme
 from gcr.train.callbacks import ConstrainedDecoding, RetrievalEvaluation
 from gcr.train.datamodule import GenerativeDataModule
 from gcr.train.dense import DenseModule, evaluate_dense, pair_loader, train_frozen_dense
-from gcr.train.module import GenerativeRetrievalModule, check_checkpoint_keys
+from gcr.train.module import GenerativeRetrievalModule, check_checkpoint_identity, check_checkpoint_keys
 from gcr.train.reproducible import AtomicCheckpointIO, EpochSeed
 
 log = logging.getLogger("gcr")
@@ -289,6 +289,11 @@ def _verifier(cfg: DictConfig, task, index, backbone):
     return verifier, hard_negative_pairs(task, token_ids)
 
 
+def _identity(index: IdentifierIndex) -> dict[str, str | None]:
+    """What a checkpoint must match to be evaluated with ``index``: scheme, direction and tokenizer."""
+    return {"scheme": index.scheme, "direction": index.direction, "tokenizer": index.tokenizer_fingerprint}
+
+
 def _rationale_setup(cfg: DictConfig, scheme, task, index, backbone):
     """Rationale-Guided Supervision (``rgs.enabled``): the separator and every target's rationale tokens."""
     r = cfg.get("rgs")
@@ -346,7 +351,7 @@ def _fit_direction(cfg, corpus, task, dense, out_dir: Path, scheme_options) -> l
     module = GenerativeRetrievalModule(
         backbone, lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, warmup_ratio=cfg.trainer.warmup_ratio,
         verifier=verifier, gsv_loss_weight=float(cfg.gsv.loss_weight),
-        rationale_weight=float(rgs.weight) if rgs else 1.0,
+        rationale_weight=float(rgs.weight) if rgs else 1.0, identity=_identity(index),
     )
     data = GenerativeDataModule(
         task, index, backbone, batch_size=cfg.trainer.batch_size, eval_batch_size=cfg.eval.batch_size,
@@ -413,7 +418,9 @@ def evaluate(path: str | Path, overrides: DictConfig | None = None) -> dict[str,
         index = IdentifierIndex.load(out_dir, scheme=cfg.scheme.name, corpus_fingerprint=corpus.fingerprint(), direction=direction)
         backbone = load_backbone(out_dir / "backbone")
         if ckpt is not None:
-            state = load_tensors(ckpt, what="checkpoint")["state_dict"]
+            checkpoint = load_tensors(ckpt, what="checkpoint")
+            check_checkpoint_identity(checkpoint.get("gcr_identity"), _identity(index), ckpt)
+            state = checkpoint["state_dict"]
             module = GenerativeRetrievalModule(backbone)
             check_checkpoint_keys(set(state), set(module.state_dict()), module.frozen_keys())
             try:
