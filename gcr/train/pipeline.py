@@ -42,7 +42,7 @@ from gcr.train.callbacks import ConstrainedDecoding, RetrievalEvaluation
 from gcr.train.datamodule import GenerativeDataModule
 from gcr.train.dense import DenseModule, evaluate_dense, pair_loader, train_frozen_dense
 from gcr.train.module import GenerativeRetrievalModule, check_checkpoint_identity, check_checkpoint_keys
-from gcr.train.reproducible import AtomicCheckpointIO, EpochSeed
+from gcr.train.reproducible import AtomicCheckpointIO, EpochEndCheckpoint, EpochSeed
 
 log = logging.getLogger("gcr")
 # Noise that says nothing about a gcr run: a Lightning-internal deprecation, and a note that our
@@ -66,7 +66,7 @@ def _trainer(cfg: DictConfig, *, max_epochs: int, run_dir: Path | None, callback
         callbacks=list(callbacks),
         logger=loggers,
         default_root_dir=str(run_dir) if run_dir else None,
-        enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
+        enable_checkpointing=False,  # gcr's own EpochEndCheckpoint writes last.ckpt (see gcr.train.reproducible)
         check_val_every_n_epoch=every if every > 0 else None,
         limit_train_batches=t.get("limit_train_batches", 1.0),
         limit_val_batches=1.0 if every > 0 else 0,
@@ -360,14 +360,13 @@ def _fit_direction(cfg, corpus, task, dense, out_dir: Path, scheme_options) -> l
         rationales=rgs.token_ids if rgs else None,
     )
     evaluation = RetrievalEvaluation(tuple(cfg.eval.ks))
-    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0)
-    callbacks = [ConstrainedDecoding(task, index, num_beams=cfg.decoding.num_beams), evaluation, checkpoints,
-                 EpochSeed(int(cfg.seed))]
+    last = out_dir / "checkpoints" / "last.ckpt"
+    callbacks = [ConstrainedDecoding(task, index, num_beams=cfg.decoding.num_beams), evaluation,
+                 EpochEndCheckpoint(last), EpochSeed(int(cfg.seed))]
     trainer = _trainer(
         cfg, max_epochs=int(cfg.trainer.max_epochs), run_dir=out_dir, callbacks=callbacks,
         loggers=_wandb_logger(cfg, out_dir, f"{cfg.run_name}-{task.direction}"),
     )
-    last = out_dir / "checkpoints" / "last.ckpt"
     log.info("training %s/%s: %d examples per epoch", cfg.scheme.name, task.direction, len(data.examples))
     start = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None)

@@ -4,10 +4,13 @@
   ``(seed, e)`` alone, not from a global RNG whose state a restart loses.
 * :class:`EpochSeed` -- reseeds torch, numpy and ``random`` at every epoch start (dropout, R-Drop,
   sampling), for the same reason.
+* :class:`EpochEndCheckpoint` -- ``last.ckpt`` after every training epoch. (Lightning's ``ModelCheckpoint``
+  with ``save_last=True`` writes it only when training ends if there is no validation loop or no top-k
+  checkpoint, which is gcr's default: a killed run would restart from scratch.)
 * :class:`AtomicCheckpointIO` -- a checkpoint is written to a temporary file and renamed, so a process
   killed while saving leaves the previous ``last.ckpt`` whole instead of a truncated one.
 
-Lightning saves ``last.ckpt`` at every epoch end; ``gcr fit`` resumes from it when it exists.
+``gcr fit`` resumes from ``last.ckpt`` when it exists.
 """
 
 from __future__ import annotations
@@ -53,6 +56,16 @@ class EpochSeed(L.Callback):
         random.seed(value)
         np.random.seed(value)
         torch.manual_seed(value)
+
+
+class EpochEndCheckpoint(L.Callback):
+    """Saves the full training state to ``path`` at the end of every training epoch."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.save_checkpoint(self.path)  # every rank calls it; the strategy writes on rank 0
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
