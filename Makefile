@@ -33,7 +33,7 @@ test-all: install
 	$(BIN)/python -m pytest -q --timeout=1800
 
 lint: install
-	$(BIN)/ruff check gcr tests
+	$(BIN)/ruff check gcr tests plugins benchmarks
 
 clean:
 	rm -rf $(VENV) runs data

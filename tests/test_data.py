@@ -239,6 +239,24 @@ def test_empty_caption(tmp_path: Path) -> None:
     assert "sentid '2'" in str(err.value) and "image entry 1" in str(err.value)
 
 
+def test_overlong_caption_loads_whole_and_every_model_input_is_capped(tmp_path: Path) -> None:
+    """A 20,000-word caption is kept as written (it is data); the backbone's prompt cuts it to max_text_tokens."""
+    from gcr.data.corpus import Content
+    from gcr.models.tiny import TinyBackbone
+
+    long = " ".join(["red"] * 20_000)
+
+    def change(images):
+        images[1]["sentences"][0]["raw"] = long
+
+    corpus = _load_modified(tmp_path, change)
+    assert long in {c.text for c in corpus.captions()}
+    backbone = TinyBackbone.create(corpus, hidden_size=32, num_layers=1, num_heads=2, vision_hidden_size=32,
+                                   vision_layers=1, image_size=32, patch_size=8)
+    prompt = backbone.prompt_ids(Content.text(long))
+    assert len(prompt) == backbone.max_text_tokens + 2  # BOS + capped caption + separator
+
+
 def test_duplicate_image_id(tmp_path: Path) -> None:
     def change(images):
         images[2]["imgid"] = 0
