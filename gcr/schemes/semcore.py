@@ -30,7 +30,14 @@ from threadpoolctl import threadpool_limits
 from gcr.data.corpus import Target
 from gcr.errors import ConfigError
 from gcr.schemes.base import IdentifierScheme
-from gcr.schemes.words import Spellable, name_clusters, nearest_centroid, tokenizer_spelling, word_analyzer
+from gcr.schemes.words import (
+    Spellable,
+    name_clusters,
+    nearest_centroid,
+    require_descriptions,
+    tokenizer_spelling,
+    word_analyzer,
+)
 
 PARTS = ("both", "global", "lexical")
 COLLISIONS = ("suffix", "verify")
@@ -125,13 +132,7 @@ class SemcoreScheme(IdentifierScheme):
         return self._identifiers(descriptions, embeddings, labels)
 
     def _descriptions(self, targets: Sequence[Target]) -> list[str]:
-        empty = [t.target_id for t in targets if not t.text.strip()]
-        if empty:
-            raise ConfigError(
-                f"semcore needs a description for every target; {len(empty)} are empty (e.g. {empty[:3]}); "
-                "check the description source (description=heldout|generated) and the captions"
-            )
-        return [t.text for t in targets]
+        return require_descriptions(targets, "semcore")
 
     def _words(self, descriptions: Sequence[str]) -> list[list[str]]:
         analyze = word_analyzer()

@@ -35,7 +35,7 @@ from gcr.data.corpus import Target
 from gcr.errors import ConfigError
 from gcr.schemes.base import IdentifierScheme
 from gcr.schemes.concepts import ROLES, LexiconConcepts, build_extractor, parse_fields
-from gcr.schemes.words import Spellable, tokenizer_spelling
+from gcr.schemes.words import Spellable, require_descriptions, tokenizer_spelling
 
 log = logging.getLogger("gcr")
 #: Words of :func:`template_rationale` (a corpus-built tokenizer reserves them, like the field names).
@@ -122,13 +122,7 @@ class SsiScheme(IdentifierScheme):
         return self._identifiers([self._normalize(p) for p in parsed], parsed)
 
     def _descriptions(self, targets: Sequence[Target]) -> list[str]:
-        empty = [t.target_id for t in targets if not t.text.strip()]
-        if empty:
-            raise ConfigError(
-                f"ssi needs a description for every target; {len(empty)} are empty (e.g. {empty[:3]}); "
-                "check the description source (description=heldout|generated) and the captions"
-            )
-        return [t.text for t in targets]
+        return require_descriptions(targets, "ssi")
 
     def _generate(self, targets: Sequence[Target], descriptions: list[str]) -> list[dict[str, list[str]]]:
         """Fields per target: from the parser, or from the MLLM with retries and the parser as fallback."""

@@ -16,12 +16,25 @@ from typing import Any
 import numpy as np
 from sklearn.feature_extraction.text import CountVectorizer
 
+from gcr.errors import ConfigError
+
 Spellable = Callable[[str], bool]
 
 
 def word_analyzer() -> Callable[[str], list[str]]:
     """Lower-cased words of two or more letters/digits, English stop words removed (KeyBERT's candidates)."""
     return CountVectorizer(stop_words="english").build_analyzer()
+
+
+def require_descriptions(targets: Sequence[Any], scheme: str) -> list[str]:
+    """Every target's ``text`` (its description), or a ConfigError naming the empty ones and where they come from."""
+    empty = [t.target_id for t in targets if not t.text.strip()]
+    if empty:
+        raise ConfigError(
+            f"{scheme} needs a description for every target; {len(empty)} are empty (e.g. {empty[:3]}); "
+            "check the description source (description=heldout|generated) and the captions"
+        )
+    return [t.text for t in targets]
 
 
 def tokenizer_spelling(tokenizer: Any) -> Spellable:
