@@ -77,6 +77,15 @@ def load_tensors(path: str | Path, *, what: str = "tensor file") -> dict[str, An
         raise ArtifactError(f"{what} {path} could not be loaded safely ({exc}); delete it and re-run.") from exc
 
 
+def find_run_dir(path: str | Path) -> Path:
+    """The run folder (holding ``config.yaml``) that ``path`` is, or lies in (up to 3 levels down)."""
+    path = Path(path)
+    for candidate in [path, *path.parents][:4]:
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise ArtifactError(f"{path} is not inside a gcr run folder (no config.yaml found above it); pass a run folder")
+
+
 def check_header(meta: dict, *, kind: str, version: int, path: Path | str, **expected: Any) -> None:
     """Validate an artifact's header: its kind, format version and any expected fields."""
     if meta.get("kind") != kind:

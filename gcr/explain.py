@@ -11,6 +11,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from gcr.artifacts import find_run_dir
 from gcr.data.corpus import Content
 from gcr.errors import ConfigError, DataError
 from gcr.index import IdentifierIndex
@@ -28,16 +29,9 @@ class Explanation:
     rationale: str
 
 
-def _run_dir(path: Path) -> Path:
-    for candidate in [path, *path.parents][:4]:
-        if (candidate / "config.yaml").is_file():
-            return candidate
-    raise ConfigError(f"{path} is not inside a gcr run folder (no config.yaml above it); pass a run folder")
-
-
 def explain_query(run: str | Path, query: Content, *, direction: str | None = None, top: int = 3) -> list[Explanation]:
     """The ``top`` identifiers retrieved for ``query`` by the run's model, each with its generated rationale."""
-    run_dir = _run_dir(Path(run))
+    run_dir = find_run_dir(run)
     cfg = OmegaConf.load(run_dir / "config.yaml")
     direction = direction or ("t2i" if query.modality == "text" else "i2t")
     out_dir = run_dir / direction

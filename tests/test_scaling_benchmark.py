@@ -26,6 +26,6 @@ def test_scaling_benchmark_writes_results_table_and_plot(tmp_path):
     doc = json.loads((tmp_path / "scaling-cpu.json").read_text())
     assert (tmp_path / "scaling-cpu.png").stat().st_size > 0
     table = (tmp_path / "scaling-cpu.md").read_text()
-    assert "600" in table and "1,200" in table or "1200" in table
+    assert "600" in table and ("1,200" in table or "1200" in table)
     text = json.dumps(doc)
     assert "skipped" in text  # KeyBERT above --keybert-max is recorded as skipped, not estimated

@@ -234,11 +234,11 @@ class LexiconConcepts:
         return word
 
     def lemma(self, word: str) -> str:
-        for candidate in (self._singular(word), word[:-3] if word.endswith("ing") else word, word[:-3] + "e"
-                          if word.endswith("ing") else word):
-            if candidate != word and candidate in self.roles:
-                return candidate
-        return word
+        """The known word ``word`` inflects (plural, -ing), else ``word`` itself."""
+        candidates = [self._singular(word)]
+        if word.endswith("ing"):
+            candidates += [word[:-3], word[:-3] + "e"]
+        return next((c for c in candidates if c != word and c in self.roles), word)
 
     def _ends_phrase(self, word: str) -> bool:
         return word in FUNCTION_WORDS or word.endswith("ing") or word in self._verbs

@@ -35,6 +35,7 @@ from gcr.schemes.words import (
     name_clusters,
     nearest_centroid,
     require_descriptions,
+    spelled_number,
     tokenizer_spelling,
     word_analyzer,
 )
@@ -219,8 +220,7 @@ class SemcoreScheme(IdentifierScheme):
 
     def _number_suffix(self, base: str, n: int) -> str:
         """``base`` plus the number ``n``: one token where the tokenizer spells it, else digit by digit."""
-        number = str(n) if self.spellable(str(n)) else " ".join(str(n))
-        return f"{base} {number}".strip()
+        return f"{base} {spelled_number(n, self.spellable)}".strip()
 
     # -- state --------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from gcr.data.corpus import Target
 from gcr.errors import ConfigError
 from gcr.schemes.base import IdentifierScheme
 from gcr.schemes.concepts import ROLES, LexiconConcepts, build_extractor, parse_fields
-from gcr.schemes.words import Spellable, require_descriptions, tokenizer_spelling
+from gcr.schemes.words import Spellable, require_descriptions, spelled_number, tokenizer_spelling
 
 log = logging.getLogger("gcr")
 #: Words of :func:`template_rationale` (a corpus-built tokenizer reserves them, like the field names).
@@ -220,7 +220,7 @@ class SsiScheme(IdentifierScheme):
         return out
 
     def _number_suffix(self, base: str, n: int) -> str:
-        number = str(n) if self.spellable(str(n)) else " ".join(str(n))
+        number = spelled_number(n, self.spellable)
         return f"{base} {self.field_separator} {number}" if base else number
 
     # -- rationales, stats, state -------------------------------------------------------------

@@ -37,6 +37,11 @@ def require_descriptions(targets: Sequence[Any], scheme: str) -> list[str]:
     return [t.text for t in targets]
 
 
+def spelled_number(n: int, spellable: Spellable) -> str:
+    """``n`` as one word where the tokenizer spells it, else digit by digit (collision suffixes)."""
+    return str(n) if spellable(str(n)) else " ".join(str(n))
+
+
 def tokenizer_spelling(tokenizer: Any) -> Spellable:
     """``word -> bool``: True when ``tokenizer`` encodes ``word`` without its unknown token.
 

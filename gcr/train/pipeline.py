@@ -25,7 +25,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from gcr.artifacts import load_tensors, write_json
+from gcr.artifacts import find_run_dir, load_tensors, write_json
 from gcr.data.corpus import Corpus, retrieval_task
 from gcr.data.sources import load_dataset
 from gcr.descriptions import check_source, describe_targets, evaluation_task
@@ -434,11 +434,3 @@ def evaluate(path: str | Path, overrides: DictConfig | None = None) -> dict[str,
         _trainer(cfg, max_epochs=1, run_dir=None, callbacks=callbacks).test(module, datamodule=data, verbose=False)
         rows += _rows(cfg, direction, evaluation.results, None, index.stats())
     return build_results(cfg, corpus, rows)
-
-
-def find_run_dir(path: Path) -> Path:
-    """The run folder (holding ``config.yaml``) that ``path`` is, or lies in (up to 3 levels down)."""
-    for candidate in [path, *path.parents][:4]:
-        if (candidate / "config.yaml").is_file():
-            return candidate
-    raise ArtifactError(f"{path} is not inside a gcr run folder (no config.yaml found above it); pass a run folder")
