@@ -52,7 +52,15 @@ class ConstrainedRetriever:
             index.vocab_size, index.eos_token_id = len(backbone.tokenizer), backbone.tokenizer.eos_token_id
         self.backbone = backbone
         self.index = index
-        self.positions = index.subset(target_ids) if target_ids is not None else list(range(len(index)))
+        if target_ids is None:
+            self.positions = list(range(len(index)))
+            self.searched: frozenset[str] | None = None
+        else:
+            target_ids = list(target_ids)
+            self.positions = index.subset(target_ids)
+            # An identifier may name targets outside the searched set (schemes that share identifiers:
+            # a test target's SID may also name train targets); only searched targets are returned.
+            self.searched = frozenset(target_ids)
         self.eos = backbone.tokenizer.eos_token_id if index.eos_token_id is None else index.eos_token_id
         self.trie = index.trie(self.positions)
         if self.trie.vocab_size > len(backbone.tokenizer):
@@ -117,6 +125,8 @@ class ConstrainedRetriever:
                         "set; this is a bug in the trie constraint, please report it"
                     )
                 for t in self.index.targets[self.positions[ident]]:
+                    if self.searched is not None and t not in self.searched:
+                        continue
                     if t not in targets:
                         targets.append(t)
                         target_scores.append(score)

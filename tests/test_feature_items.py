@@ -7,7 +7,6 @@ real model from its wheel.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -150,12 +149,12 @@ def test_image_records_keep_their_defaults_and_fingerprint(tmp_path: Path) -> No
     image = ImageRecord("a", tmp_path / "a.png", "train", caps)
     assert image.modality == "image" and image.feature_row is None
     assert image.content() == Content.image(tmp_path / "a.png")
-    # the fingerprint of an image corpus is the one computed before feature items existed
-    h = hashlib.sha256()
-    h.update(b"a\ttrain\n")
-    for c in caps:
-        h.update(f"{c.caption_id}\t{c.text}\n".encode())
-    assert Corpus("x", [image]).fingerprint() == h.hexdigest()[:16]
+    # the fingerprint covers the item's file: absent, then written, then rewritten with other bytes
+    absent = Corpus("x", [image]).fingerprint()
+    (tmp_path / "a.png").write_bytes(b"first")
+    written = Corpus("x", [image]).fingerprint()
+    (tmp_path / "a.png").write_bytes(b"second, longer")
+    assert len({absent, written, Corpus("x", [image]).fingerprint()}) == 3
     audio = ImageRecord("a", tmp_path / "a.npy", "train", caps, modality="audio")
     video = ImageRecord("a", tmp_path / "a.npy", "train", caps, modality="video")
     prints = {Corpus("x", [r]).fingerprint() for r in (image, audio, video)}
