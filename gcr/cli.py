@@ -16,83 +16,14 @@ unknown key, group option or scheme fails before any work starts.
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
-import os
 import sys
 from pathlib import Path
 
+from gcr.config import compose, config_dir, sweep
 from gcr.errors import ConfigError, GcrError
 
-
-def config_dir(explicit: str | None = None) -> Path:
-    """``--config-dir``, else ``$GCR_CONFIG_DIR``, else the repository's ``configs/``, else ``./configs``."""
-    for candidate in (explicit, os.environ.get("GCR_CONFIG_DIR"), Path(__file__).resolve().parent.parent / "configs",
-                      Path.cwd() / "configs"):
-        if candidate and (Path(candidate) / "config.yaml").is_file():
-            return Path(candidate).resolve()
-    raise ConfigError("no gcr configs found: pass --config-dir DIR (a folder with config.yaml) or set GCR_CONFIG_DIR")
-
-
-def _plugin_scheme_overrides(overrides: list[str], cdir: Path) -> list[str]:
-    """``scheme=NAME`` for a registered scheme without a YAML file uses the generic plugin config."""
-    from gcr.registry import SCHEMES
-
-    out = []
-    for o in overrides:
-        key, _, value = o.partition("=")
-        if key == "scheme" and value and not (cdir / "scheme" / f"{value}.yaml").exists():
-            if value not in SCHEMES:
-                raise ConfigError(SCHEMES._unknown_message(value))
-            out += ["scheme=_plugin", f"scheme.name={value}"]
-        else:
-            out.append(o)
-    return out
-
-
-def compose(overrides: list[str], cdir: Path):
-    """Compose the root config with Hydra; turn Hydra's errors into one clear ConfigError."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    overrides = _plugin_scheme_overrides(overrides, cdir)
-    try:
-        with initialize_config_dir(config_dir=str(cdir), version_base=None):
-            cfg = hydra_compose("config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(_explain_config_error(str(exc), cdir)) from None
-    from gcr.registry import SCHEMES
-
-    if cfg.scheme.name not in SCHEMES:
-        raise ConfigError(SCHEMES._unknown_message(cfg.scheme.name))
-    return cfg
-
-
-def _explain_config_error(message: str, cdir: Path) -> str:
-    groups = sorted(p.name for p in cdir.iterdir() if p.is_dir())
-    first = message.strip().splitlines()[0]
-    if "not in struct" in message or "Could not override" in message:
-        return f"{first}\nUse key=value only for keys that exist in the config (see `gcr fit --cfg`); add new keys with +key=value."
-    if "Could not find" in message or "Could not load" in message:
-        return f"{message.strip()}\nConfig groups: {', '.join(groups)}."
-    return message.strip()
-
-
-def _sweep(overrides: list[str]) -> list[list[str]]:
-    """Expand ``key=a,b`` sweep overrides (Hydra syntax) into one override list per run."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    axes = []
-    for o in parsed:
-        key = o.get_key_element()
-        if o.is_sweep_override():
-            axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
-        else:
-            axes.append([f"{key}={o.get_value_element_as_str()}"])
-    return [list(combo) for combo in itertools.product(*axes)]
+__all__ = ["build_parser", "compose", "config_dir", "main"]
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -100,7 +31,7 @@ def cmd_fit(args) -> int:
     from omegaconf import OmegaConf
 
     cdir = config_dir(args.config_dir)
-    runs = _sweep(args.overrides) if args.multirun else [args.overrides]
+    runs = sweep(args.overrides) if args.multirun else [args.overrides]
     cfgs = [compose(o, cdir) for o in runs]  # validate every run before starting any
     if args.cfg:
         for cfg in cfgs:

@@ -82,6 +82,11 @@ class Registry(Generic[T]):
             )
         self._entries[entry.name] = entry
 
+    @property
+    def singular(self) -> str:
+        """``scheme`` for the ``schemes`` registry: how one entry is named in messages."""
+        return self.kind[:-1] if self.kind.endswith("s") else self.kind
+
     # -- discovery ----------------------------------------------------------------------------
     def _load_plugins(self) -> None:
         if self._plugins_loaded:
@@ -92,14 +97,17 @@ class Registry(Generic[T]):
             try:
                 obj = ep.load()
             except Exception as exc:  # a broken plugin must never break gcr
-                self._broken[ep.name] = f"{origin} failed to import ({type(exc).__name__}: {exc})"
-                log.warning("gcr: %s %r is unavailable: %s", self.kind, ep.name, self._broken[ep.name])
+                self._broken[ep.name] = (
+                    f"{self.singular} {ep.name!r} comes from {origin}, which is installed but failed to import "
+                    f"({type(exc).__name__}: {exc}); fix the plugin or reinstall it (pip uninstall removes it)"
+                )
+                log.warning("%s", self._broken[ep.name])
                 continue
             try:
                 self._add(_Entry(ep.name, obj, origin, _first_doc_line(obj)))
             except RegistryError as exc:
                 self._broken[ep.name] = str(exc)
-                log.warning("gcr: %s", exc)
+                log.warning("%s", exc)
 
     def broken(self) -> dict[str, str]:
         """Plugins that were found but could not be loaded, with the reason."""
@@ -124,7 +132,7 @@ class Registry(Generic[T]):
         entry = self._entries.get(name)
         if entry is None:
             if name in self._broken:
-                raise RegistryError(f"{self.kind} {name!r} is unavailable: {self._broken[name]}")
+                raise RegistryError(self._broken[name])
             raise RegistryError(self._unknown_message(name))
         if isinstance(entry.target, str):
             module, _, attr = entry.target.partition(":")
@@ -132,7 +140,7 @@ class Registry(Generic[T]):
                 entry.target = getattr(importlib.import_module(module), attr)
             except (ImportError, AttributeError) as exc:
                 raise RegistryError(
-                    f"{self.kind.rstrip('s')} {name!r} ({entry.origin}) could not be loaded from {entry.target}: "
+                    f"{self.singular} {name!r} ({entry.origin}) could not be loaded from {entry.target}: "
                     f"{type(exc).__name__}: {exc}. Install its dependencies or reinstall the package."
                 ) from exc
             entry.description = entry.description or _first_doc_line(entry.target)
@@ -147,7 +155,9 @@ class Registry(Generic[T]):
         choices = self.names()
         close = difflib.get_close_matches(name, choices, n=3)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        return f"unknown {self.kind.rstrip('s')} {name!r}.{hint} Available: {', '.join(choices) or '(none)'}."
+        if name in self._broken:
+            return self._broken[name]
+        return f"unknown {self.singular} {name!r}.{hint} Available: {', '.join(choices) or '(none)'}."
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """Instantiate the registered class/factory ``name`` with the given arguments."""

@@ -50,7 +50,7 @@ def test_fit_cfg_unknown_scheme_suggests_the_close_match(tmp_path):
 def test_fit_cfg_unknown_key_is_named(tmp_path):
     proc = gcr(tmp_path, "fit", "--cfg", "trainer.nope=1")
     assert proc.returncode == 2
-    assert "trainer.nope" in proc.stderr and "+key=value" in proc.stderr
+    assert "trainer.nope is not a config key" in proc.stderr and "+trainer.nope=VALUE" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -98,6 +98,20 @@ def _write_plugin(root: Path) -> None:
 
                 def fit(self, targets, features=None):
                     return [str(i) for i in range(len(targets))]
+
+
+            class PickyScheme(IdentifierScheme):
+                """Fake plugin scheme with a checked option."""
+
+                name = "pickyscheme"
+
+                def __init__(self, seed=0, width=4):
+                    if int(width) < 1:
+                        raise ValueError(f"width must be at least 1, got {width}")
+                    super().__init__(seed)
+
+                def fit(self, targets, features=None):
+                    return [str(i) for i in range(len(targets))]
             '''
         )
     )
@@ -107,6 +121,7 @@ def _write_plugin(root: Path) -> None:
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gcrcli-fakeplugin\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(
         "[gcr.schemes]\nfakescheme = gcrcli_fakeplugin:FakeScheme\nbrokenscheme = gcrcli_broken:Scheme\n"
+        "pickyscheme = gcrcli_fakeplugin:PickyScheme\n"
     )
 
 
@@ -132,6 +147,15 @@ def test_plugin_schemes_are_listed_and_selectable(tmp_path):
     proc = gcr(tmp_path, "fit", "--cfg", "scheme=brokenscheme", PYTHONPATH=pythonpath)
     assert proc.returncode == 2
     assert "brokenscheme" in proc.stderr and "Traceback" not in proc.stderr
+    assert "installed but failed to import" in proc.stderr and "needs libnothere" in proc.stderr
+    assert "unknown scheme" not in proc.stderr and "gcr: gcr:" not in proc.stderr
+    assert "schemes 'brokenscheme'" not in proc.stderr  # one entry is a scheme, not "schemes"
+
+    # a plugin's own option check (a ValueError) is a clean config error naming the scheme
+    proc = gcr(tmp_path, "fit", "--cfg", "scheme=pickyscheme", "+scheme.width=0", PYTHONPATH=pythonpath)
+    assert proc.returncode == 2, proc.stderr
+    assert "scheme 'pickyscheme'" in proc.stderr and "width must be at least 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 # --------------------------------------------------------------------------- light core imports

@@ -206,16 +206,35 @@ def test_truncated_png_full_check(dataset: Path) -> None:
     assert "c.png" in str(err.value)
 
 
-def test_truncated_jpeg_needs_full_check(tmp_path: Path) -> None:
+def test_truncated_jpeg_is_caught_by_the_default_check(tmp_path: Path) -> None:
     data = _karpathy_data()
     data["images"][0]["filename"] = "a.jpg"
     json_path = _write_dataset(tmp_path, data)
     jpeg = _jpeg()
     (tmp_path / "a.jpg").write_bytes(jpeg[: len(jpeg) // 2])  # headers intact, scan data cut
-    assert len(load_karpathy(json_path, tmp_path, check_images="open").images) == 4  # verify() misses it
-    with pytest.raises(DataError, match="truncated") as err:
+    assert len(load_karpathy(json_path, tmp_path, check_images="exists").images) == 4
+    for mode in ("open", "full"):  # open (the default) reads the end-of-image marker; full decodes
+        with pytest.raises(DataError, match="truncated") as err:
+            load_karpathy(json_path, tmp_path, check_images=mode)
+        assert "a.jpg" in str(err.value)
+
+
+def test_image_broken_inside_is_named_by_id_and_json_entry_in_training(tmp_path: Path) -> None:
+    data = _karpathy_data()
+    data["images"][0]["filename"] = "a.jpg"
+    json_path = _write_dataset(tmp_path, data)
+    jpeg = bytearray(_jpeg())
+    table = jpeg.index(b"\xff\xc4")  # garble a Huffman table: header and end marker stay intact
+    jpeg[table + 5 : table + 25] = b"\xff" * 20
+    (tmp_path / "a.jpg").write_bytes(bytes(jpeg))
+    corpus = load_karpathy(json_path, tmp_path, check_images="open")  # passes the cheap check
+    record = next(im for im in corpus.images if im.path.name == "a.jpg")
+    with pytest.raises(DataError, match="corrupt or truncated") as err:
+        load_image(record.path)  # what a backbone calls when training reads the image
+    message = str(err.value)
+    assert f"image id {record.image_id}" in message and "entry 0 of" in message and str(json_path) in message
+    with pytest.raises(DataError, match="a.jpg"):
         load_karpathy(json_path, tmp_path, check_images="full")
-    assert "a.jpg" in str(err.value)
 
 
 def test_load_image_errors(tmp_path: Path) -> None:

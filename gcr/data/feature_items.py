@@ -554,3 +554,7 @@ def write_feature_items_fixture(
     json_path.write_text(json_module.dumps(payload, indent=1), encoding="utf-8")
     return json_path
 
+
+
+#: The modality of the items this loader yields (checked against the backbone before any work).
+load_feature_items.item_modality = "feature"

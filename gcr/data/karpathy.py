@@ -62,9 +62,9 @@ def load_karpathy(
     json_path = Path(json_path)
     image_root = Path(image_root)
     if check_images not in CHECK_MODES:
-        raise ConfigError(f"unknown check_images={check_images!r}; choose one of {', '.join(CHECK_MODES)}")
+        raise ConfigError(f"unknown data.check_images={check_images!r}; choose one of {', '.join(CHECK_MODES)}")
     if restval_as not in SPLITS:
-        raise ConfigError(f"unknown restval_as={restval_as!r}; choose one of {', '.join(SPLITS)}")
+        raise ConfigError(f"unknown data.restval_as={restval_as!r}; choose one of {', '.join(SPLITS)}")
     require_splits = tuple(require_splits)
     if not set(require_splits) <= set(SPLITS):
         raise ConfigError(f"require_splits={require_splits!r}: use names from {', '.join(SPLITS)}")
@@ -104,6 +104,11 @@ def load_karpathy(
     return Corpus(name=corpus_name, images=images, meta=meta)
 
 
+#: Where each loaded image came from (``image id …, entry … of <json>``), so that an image that fails to
+#: decode during training is named by its id and JSON entry, not only by its path.
+_ORIGINS: dict[str, str] = {}
+
+
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
     """Open ``path`` fully decoded as an RGB image; :class:`DataError` if it is missing, corrupt or truncated."""
     path = Path(path)
@@ -112,20 +117,22 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
             return im.convert("RGB")
     except FileNotFoundError:
         raise DataError(
-            f"missing image file {path}; fix: check the image root / download the images, "
+            f"missing image file {path}; fix: check data.images (the image folder) / download the images, "
             "or regenerate the dataset"
         ) from None
     except _IMAGE_ERRORS as exc:
+        origin = _ORIGINS.get(str(path))
         raise DataError(
-            f"corrupt or truncated image {path} ({type(exc).__name__}: {exc}); "
-            "fix: re-download or regenerate that file, or drop it from the JSON"
+            f"corrupt or truncated image {path}{f' ({origin})' if origin else ''}: {type(exc).__name__}: {exc}; "
+            "fix: re-download or regenerate that file, or drop its entry from the JSON "
+            "(data.check_images=full decodes every image before training)"
         ) from None
 
 
 def _read_json(
     path: Path,
     what: str = "Karpathy JSON",
-    missing_fix: str = "pass the path of an existing dataset_*.json (or generate the shapes data)",
+    missing_fix: str = "set data.json to an existing dataset_*.json (or use the default data=shapes)",
 ) -> Any:
     try:
         raw = path.read_bytes()
@@ -256,9 +263,9 @@ def _parse_entry(json_path: Path, image_root: Path, index: int, entry: Any, rest
     captions = tuple(
         _parse_sentence(json_path, index, entry, image_id, k, sent) for k, sent in enumerate(sentences)
     )
-    return ImageRecord(
-        image_id=image_id, path=image_root / filepath / filename, split=split, captions=captions
-    )
+    path = image_root / filepath / filename
+    _ORIGINS[str(path)] = f"image id {image_id}, entry {index} of {json_path}"
+    return ImageRecord(image_id=image_id, path=path, split=split, captions=captions)
 
 
 def _parse_sentence(
@@ -308,7 +315,10 @@ def _check_one(path: Path, mode: str) -> str | None:
         return None if path.is_file() else "missing"
     try:
         with Image.open(path) as im:
+            kind = im.format
             im.verify()
+        if mode == "open" and not _has_end_marker(path, kind):
+            return f"truncated (the {kind} file ends before its end-of-image marker)"
         if mode == "full":
             # verify() does not decode pixel data, so only a full load catches every truncation.
             with Image.open(path) as im:
@@ -318,6 +328,25 @@ def _check_one(path: Path, mode: str) -> str | None:
     except _IMAGE_ERRORS as exc:
         return f"corrupt or truncated ({type(exc).__name__}: {exc})"
     return None
+
+
+#: The bytes a complete file of each format ends with; a download cut short lacks them.
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND", "MPO": b"\xff\xd9"}
+
+
+def _has_end_marker(path: Path, kind: str | None) -> bool:
+    """Whether a JPEG/PNG file holds its end-of-image marker near its end (other formats: True).
+
+    This is what keeps ``check_images=open`` (the default) cheap and still catches the common damage, a
+    truncated file: one read of the last kilobyte, no pixel decoding (writers may pad after the marker).
+    """
+    marker = _END_MARKERS.get(kind or "")
+    if marker is None:
+        return True
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 1024))
+        return marker in f.read()
 
 
 def _check_image_files(images: Sequence[ImageRecord], mode: str, image_root: Path) -> None:
@@ -331,8 +360,8 @@ def _check_image_files(images: Sequence[ImageRecord], mode: str, image_root: Pat
         listed = "; ".join(f"{im.path} (image id {im.image_id})" for im in missing[:_MAX_LISTED])
         more = f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
         raise DataError(
-            f"{len(missing)} missing image file(s) under image root {image_root}: {listed}{more}; "
-            "fix: point image_root at the folder holding the images (COCO: the one containing train2014/ and "
+            f"{len(missing)} missing image file(s) under data.images={image_root}: {listed}{more}; "
+            "fix: point data.images at the folder holding the images (COCO: the one containing train2014/ and "
             "val2014/), download the missing files, or regenerate the dataset"
         )
     if broken:

@@ -52,6 +52,12 @@ class GenerativeBackbone(nn.Module):
     name = ""
     #: False for identifier-only decoders (``cart``): the description captioner then uses a ``tiny`` model.
     writes_text = True
+    #: What the backbone reads (query and target modalities): checked against the data before any work.
+    reads: tuple[str, ...] = ("text", "image")
+    #: True when its tokenizer spells natural-language words (identifier schemes that write words need it).
+    spells_words = True
+    #: True when ``model.vision_init=dense`` can start its vision tower from the dense baseline's CLIP tower.
+    starts_vision_from_dense = False
 
     def __init__(
         self,

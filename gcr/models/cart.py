@@ -384,6 +384,8 @@ class CartBackbone(GenerativeBackbone):
 
     name = "cart"
     writes_text = False
+    reads = ("text", "image", "feature")
+    spells_words = False  # its tokenizer holds special tokens only: identifiers must be new code tokens
 
     def __init__(self, tokenizer: Any, text_encoder: nn.Module, text_tokenizer: Any, vision: nn.Module,
                  **options: Any):

@@ -43,6 +43,7 @@ class TinyBackbone(GenerativeBackbone):
     """LLaVA-style model from HF configs (CLIP vision + Llama), random init, corpus tokenizer."""
 
     name = "tiny"
+    starts_vision_from_dense = True
 
     def __init__(self, model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, **options: Any):
         image_size = model.config.vision_config.image_size

@@ -34,6 +34,10 @@ class IdentifierScheme(ABC):
     #: True when identifiers are built from ``Target.text``: the pipeline then replaces it with a
     #: leakage-free *description* (``description=heldout|generated``) before :meth:`fit`.
     uses_descriptions: ClassVar[bool] = False
+    #: True when identifiers are words (not new tokens): the backbone's tokenizer must spell them.
+    spells_words: ClassVar[bool] = False
+    #: True when :meth:`rationales` returns one sentence per target (Rationale-Guided Supervision).
+    writes_rationales: ClassVar[bool] = False
 
     def __init__(self, seed: int = 0, **options: Any):
         self.seed = seed  # set first: the error below lists config(), which reads it

@@ -52,6 +52,7 @@ class SemcoreScheme(IdentifierScheme):
 
     name = "semcore"
     uses_descriptions = True
+    spells_words = True
 
     def __init__(
         self,

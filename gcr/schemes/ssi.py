@@ -55,6 +55,8 @@ class SsiScheme(IdentifierScheme):
 
     name = "ssi"
     uses_descriptions = True
+    spells_words = True
+    writes_rationales = True
 
     def __init__(
         self,

@@ -37,6 +37,7 @@ from gcr.models.loading import load_backbone
 from gcr.models.tokenizer import train_corpus_tokenizer
 from gcr.registry import BACKBONES
 from gcr.results import ResultRow, build_results, save_results
+from gcr.run_folder import RunFolder, choose_run_dir
 from gcr.schemes import build_scheme
 from gcr.train.callbacks import ConstrainedDecoding, RetrievalEvaluation
 from gcr.train.datamodule import GenerativeDataModule
@@ -184,9 +185,16 @@ def _wandb_logger(cfg: DictConfig, run_dir: Path, name: str):
 # -- fit ----------------------------------------------------------------------------------------
 def fit(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate ``cfg.scheme`` on ``cfg.data`` in every direction, plus the dense baseline."""
-    run_dir = Path(cfg.output_dir) / cfg.run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    run_dir, moved = choose_run_dir(Path(cfg.output_dir), str(cfg.run_name), config)
+    if moved:
+        log.warning("%s", moved)
+        cfg.run_name = config["run_name"] = str(run_dir.relative_to(cfg.output_dir))
+    with RunFolder.claim(run_dir, config):
+        return _fit(cfg, run_dir)
+
+
+def _fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     corpus = load_dataset(cfg.data)
     scheme_options = {k: v for k, v in OmegaConf.to_container(cfg.scheme, resolve=True).items() if k != "name"}
     probe = build_scheme(cfg.scheme.name, seed=cfg.seed, **scheme_options)  # fail fast on unknown options
