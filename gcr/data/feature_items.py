@@ -39,7 +39,7 @@ import numpy as np
 from gcr.data.corpus import SPLITS, Caption, Corpus, ImageRecord
 from gcr.errors import ConfigError, DataError
 
-FORMAT_HELP = "the README section 'Audio and video: precomputed features' (gcr/data/feature_items.py)"
+FORMAT_HELP = "docs/data.md, section 'Audio and video: precomputed features' (gcr/data/feature_items.py)"
 RESERVED_MODALITIES = ("text", "image")
 _ROW_SUFFIX = re.compile(r"#(\d+)$")
 _MODALITY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
