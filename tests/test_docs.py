@@ -29,7 +29,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from gcr.bench import load_bench, plan
-from gcr.cli import _sweep, build_parser, compose, config_dir, main
+from gcr.cli import build_parser, compose, config_dir, main
+from gcr.config import sweep
 from gcr.errors import GcrError
 from gcr.registry import SCHEMES
 from gcr.schemes import build_scheme
@@ -142,7 +143,7 @@ def check_command(command: Command, capsys) -> None:
         assert code == 0, f"{command.where}: `gcr {shlex.join(argv)} --cfg` exits {code}:\n{err}"
         args = build_parser().parse_args(argv)
         cdir = config_dir(args.config_dir)
-        runs = _sweep(args.overrides) if args.multirun else [args.overrides]
+        runs = sweep(args.overrides) if args.multirun else [args.overrides]
         _build_schemes([compose(o, cdir) for o in runs])
         return
     args = build_parser().parse_args(argv)  # SystemExit (a failure) if argparse refuses it
