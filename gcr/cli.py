@@ -171,11 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("gcr: %(message)s"))
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # flags may sit between key=value overrides (`gcr fit a=1 -m b=2,3`): argparse leaves the later ones over
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logger = logging.getLogger("gcr")
-    logger.addHandler(handler)
+    if not any(getattr(h, "_gcr", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("gcr: %(message)s"))
+        handler._gcr = True  # one handler however often main() runs in a process
+        logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)

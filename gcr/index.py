@@ -96,7 +96,7 @@ class IdentifierIndex:
             corpus_fingerprint=corpus_fingerprint,
             identifiers=list(groups),
             targets=list(groups.values()),
-            scheme_state=scheme.state_dict(),
+            scheme_state=_json_state(scheme),
         )
 
     def tokenize(self, tokenizer: Any, *, end_token_id: int | None = None) -> IdentifierIndex:
@@ -273,3 +273,18 @@ class IdentifierIndex:
                 f"this index was tokenized with tokenizer {self.tokenizer_fingerprint}, "
                 f"but the model's tokenizer is {fp}; re-tokenize the index for this model"
             )
+
+
+def _json_state(scheme: Any) -> dict[str, Any]:
+    """``scheme.state_dict()``, refused unless it is plain JSON (it is saved inside ``index.json``)."""
+    import json
+
+    state = scheme.state_dict()
+    try:
+        json.dumps(state)
+    except (TypeError, ValueError) as exc:
+        raise IdentifierError(
+            f"scheme {scheme.name!r}: state_dict() must hold plain JSON values (dicts, lists, str, numbers, "
+            f"bools, None), it saves inside index.json; {exc}. Convert arrays with .tolist()"
+        ) from None
+    return state

@@ -209,3 +209,11 @@ def test_decoding_imports_without_lightning_or_wandb(imports):
             f"gcr.decoding is not importable yet (being written in parallel): {imports['decoding_error']}"
         )
     assert imports["decoding"] == []
+
+
+def test_flags_may_sit_between_overrides(capsys):
+    from gcr.cli import main
+
+    assert main(["fit", "trainer.max_epochs=3", "-m", "scheme=atomic,hkmeans", "--cfg"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("max_epochs: 3") == 2 and "name: atomic" in out and "name: hkmeans" in out

@@ -481,3 +481,22 @@ def test_write_json_read_json_round_trip(tmp_path):
     assert read_json(path) == payload
     with pytest.raises(ArtifactError, match="results not found"):
         read_json(tmp_path / "missing.json", what="results")
+
+
+class ArrayStateScheme(CaptionScheme):
+    """Returns a numpy array in its state: index.json could only hold its str()."""
+
+    name = "array-state"
+    shares_identifiers = False
+
+    def fit(self, targets, features=None):
+        return [t.target_id for t in targets]
+
+    def state_dict(self):
+        return {"centroids": np.zeros((2, 2))}
+
+
+def test_build_refuses_a_state_that_is_not_plain_json():
+    targets = [Target(f"t{i}", "train", Content.text("x"), "x") for i in range(3)]
+    with pytest.raises(IdentifierError, match=r"'array-state'.*plain JSON.*tolist"):
+        _build(ArrayStateScheme(), targets, ArrayStateScheme().fit(targets))

@@ -100,7 +100,8 @@ class IdentifierScheme(ABC):
         return {"seed": self.seed}
 
     def state_dict(self) -> dict[str, Any]:
-        """Fitted state (JSON-serialisable or tensors) needed by :meth:`assign` after reload."""
+        """Fitted state needed by :meth:`assign` after reload: plain JSON values (arrays as ``.tolist()``);
+        it is saved inside ``index.json``."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
