@@ -58,18 +58,26 @@ def cmd_fit(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from omegaconf import OmegaConf
-
-    from gcr.results import print_table, save_results
-    from gcr.train.pipeline import evaluate
-
+    # Argument errors come back before any heavy library (torch, Lightning) is imported.
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise ConfigError(f"gcr eval takes key=value arguments, got {bad}; e.g. gcr eval ckpt=runs/NAME")
     values = dict(o.split("=", 1) for o in args.overrides)
     path = values.pop("ckpt", None) or values.pop("run", None)
-    if path is None:
-        raise ConfigError("gcr eval needs ckpt=PATH (a run folder, a direction folder, or a .ckpt file)")
+    if not path:
+        raise ConfigError("gcr eval needs ckpt=PATH (a run folder, a direction folder, or a .ckpt file), "
+                          "e.g. gcr eval ckpt=runs/shapes-hkmeans-tiny")
+    if not Path(path).exists():
+        raise ConfigError(f"ckpt={path} does not exist; pass a run folder (under output_dir, runs/ by default), "
+                          "a direction folder in it, or a .ckpt file")
+    from gcr.artifacts import find_run_dir
+
+    find_run_dir(path)  # a path outside any run folder is refused here too
+    from omegaconf import OmegaConf
+
+    from gcr.results import print_table, save_results
+    from gcr.train.pipeline import evaluate
+
     results = evaluate(path, OmegaConf.from_dotlist([f"{k}={v}" for k, v in values.items()]) if values else None)
     out = Path(path) if Path(path).is_dir() else Path(path).parent
     save_results(results, out / "eval")

@@ -217,3 +217,25 @@ def test_flags_may_sit_between_overrides(capsys):
     assert main(["fit", "trainer.max_epochs=3", "-m", "scheme=atomic,hkmeans", "--cfg"]) == 0
     out = capsys.readouterr().out
     assert out.count("max_epochs: 3") == 2 and "name: atomic" in out and "name: hkmeans" in out
+
+
+EVAL_PROBE = """
+import sys
+from gcr.cli import main
+code = main(sys.argv[1:])
+heavy = [m for m in ("torch", "lightning", "transformers", "wandb") if m in sys.modules]
+print("exit", code, "heavy", ",".join(heavy) or "-")
+"""
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "gcr eval needs ckpt=PATH"),
+    (["ckpt=runs/never-made"], "ckpt=runs/never-made does not exist"),
+    (["runs/x"], "key=value arguments"),
+    (["ckpt=."], "not inside a gcr run folder"),
+])
+def test_eval_argument_errors_come_back_before_heavy_imports(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, "-c", EVAL_PROBE, "eval", *args], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout.strip() == "exit 2 heavy -"
