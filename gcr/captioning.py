@@ -178,10 +178,13 @@ class BackboneCaptioner(_Captioner):
         module = GenerativeRetrievalModule(
             backbone, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio
         )
+        from gcr.train.progress_bar import StageProgress
+
         losses = EpochLoss()
         trainer = L.Trainer(
-            accelerator=accelerator, devices=1, max_epochs=int(max_epochs), callbacks=[losses], logger=False,
-            enable_checkpointing=False, enable_progress_bar=True, enable_model_summary=False,
+            accelerator=accelerator, devices=1, max_epochs=int(max_epochs), logger=False,
+            callbacks=[losses, StageProgress("the description captioner")],
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=1,
         )  # fmt: skip
         with warnings.catch_warnings():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -110,6 +111,7 @@ def generate_shapes(
     if read_header(json_path) == header and last_image.is_file():
         return json_path
     out_dir.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("gcr").info("data: generating %d shape images in %s (once; reused after)", n_images, out_dir)
     splits = _assign_splits(n_images, seed, params["split_fractions"])
     chunks = [
         (str(out_dir), seed, image_size, start, min(start + _CHUNK, n_images))

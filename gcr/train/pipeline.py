@@ -43,6 +43,8 @@ from gcr.train.callbacks import ConstrainedDecoding, RetrievalEvaluation
 from gcr.train.datamodule import GenerativeDataModule
 from gcr.train.dense import DenseModule, evaluate_dense, pair_loader, train_frozen_dense
 from gcr.train.module import GenerativeRetrievalModule, check_checkpoint_identity, check_checkpoint_keys
+from gcr.train.progress_bar import StageProgress
+from gcr.train.quiet import silence_third_party
 from gcr.train.reproducible import AtomicCheckpointIO, EpochEndCheckpoint, EpochSeed
 
 log = logging.getLogger("gcr")
@@ -53,7 +55,8 @@ warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_
 
 
 # -- shared pieces ------------------------------------------------------------------------------
-def _trainer(cfg: DictConfig, *, max_epochs: int, run_dir: Path | None, callbacks=(), loggers=False) -> L.Trainer:
+def _trainer(cfg: DictConfig, *, max_epochs: int, run_dir: Path | None, name: str, callbacks=(),
+             loggers=False) -> L.Trainer:
     t = cfg.trainer
     every = int(t.check_val_every_n_epoch)
     # A batch of text queries leaves the vision tower unused (and vice versa), which plain DDP rejects.
@@ -64,7 +67,8 @@ def _trainer(cfg: DictConfig, *, max_epochs: int, run_dir: Path | None, callback
         strategy=strategy,
         precision=t.precision,
         max_epochs=max_epochs,
-        callbacks=list(callbacks),
+        callbacks=[*callbacks, StageProgress(name)],
+        enable_progress_bar=False,  # StageProgress: a bar at a terminal, periodic lines in a log
         logger=loggers,
         default_root_dir=str(run_dir) if run_dir else None,
         enable_checkpointing=False,  # gcr's own EpochEndCheckpoint writes last.ckpt (see gcr.train.reproducible)
@@ -102,7 +106,7 @@ def dense_baseline(cfg: DictConfig, corpus: Corpus):
         loader = DualEncoder if kind == "clip" else _frozen_dense_class()
         return loader.from_pretrained(directory), float(meta["train_seconds"])
     d = cfg.dense
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     if kind == "pretrained":
         return _frozen_dense(cfg, corpus, directory)
     encoder = DualEncoder(
@@ -116,9 +120,9 @@ def dense_baseline(cfg: DictConfig, corpus: Corpus):
         embed_dim=d.embed_dim,
         max_text_tokens=d.max_text_tokens,
     )
-    log.info("training the dense baseline (%d epochs)", d.max_epochs)
+    log.info("dense baseline: training (%s)", _plural(int(d.max_epochs), "epoch"))
     start = time.perf_counter()
-    trainer = _trainer(cfg, max_epochs=int(d.max_epochs), run_dir=directory)
+    trainer = _trainer(cfg, max_epochs=int(d.max_epochs), run_dir=directory, name="the dense baseline")
     trainer.fit(DenseModule(encoder, lr=d.lr, weight_decay=d.weight_decay), pair_loader(corpus, d.batch_size, cfg.seed))
     seconds = time.perf_counter() - start
     if trainer.is_global_zero:  # under DDP every rank holds the same weights; one writes them
@@ -137,7 +141,8 @@ def _frozen_dense(cfg: DictConfig, corpus: Corpus, directory: Path):
     """Locked-tower tuning: frozen MiniLM + EfficientNet-Lite0, trained projections."""
     d = cfg.dense
     encoder = _frozen_dense_class()(embed_dim=int(d.embed_dim))
-    log.info("training the pretrained dense baseline's projections (%d epochs)", d.max_epochs)
+    log.info("dense baseline: training the projections over frozen pretrained towers (%s)",
+             _plural(int(d.max_epochs), "epoch"))
     start = time.perf_counter()
     history = train_frozen_dense(
         encoder, corpus, cache_dir=cfg.cache_dir, max_epochs=int(d.max_epochs), batch_size=int(d.batch_size),
@@ -185,6 +190,7 @@ def _wandb_logger(cfg: DictConfig, run_dir: Path, name: str):
 # -- fit ----------------------------------------------------------------------------------------
 def fit(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate ``cfg.scheme`` on ``cfg.data`` in every direction, plus the dense baseline."""
+    silence_third_party(verbose=log.isEnabledFor(logging.DEBUG))
     config = OmegaConf.to_container(cfg, resolve=True)
     run_dir, moved = choose_run_dir(Path(cfg.output_dir), str(cfg.run_name), config)
     if moved:
@@ -194,8 +200,15 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
         return _fit(cfg, run_dir)
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    log.info("run folder %s", run_dir)
     corpus = load_dataset(cfg.data)
+    sizes = ", ".join(f"{len(corpus.split(s))} {s}" for s in ("train", "val", "test"))
+    log.info("data: %s, %s (%s)", corpus.name, _plural(len(corpus.images), "item"), sizes)
     scheme_options = {k: v for k, v in OmegaConf.to_container(cfg.scheme, resolve=True).items() if k != "name"}
     probe = build_scheme(cfg.scheme.name, seed=cfg.seed, **scheme_options)  # fail fast on unknown options
     check_source(cfg.description.source)
@@ -208,6 +221,7 @@ def _fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     dense, dense_seconds = dense_baseline(cfg, corpus) if needs_dense else (None, 0.0)
     rows: list[ResultRow] = []
     if cfg.dense.enabled:
+        log.info("dense baseline: evaluating")
         rows += dense_rows(cfg, corpus, dense, dense_seconds)
     for direction in cfg.directions:
         task = _evaluation_task(cfg, corpus, direction)
@@ -318,16 +332,17 @@ def _rationale_setup(cfg: DictConfig, scheme, task, index, backbone):
 
 
 def _fit_direction(cfg, corpus, task, dense, out_dir: Path, scheme_options) -> list[ResultRow]:
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     scheme = build_scheme(cfg.scheme.name, seed=cfg.seed, **scheme_options)
     backbone = _build_backbone(cfg, corpus, dense, scheme.reserved_words())
     scheme.bind_tokenizer(backbone.tokenizer)
     if scheme.uses_descriptions:
         task = _described(cfg, corpus, task, dense)
-        L.seed_everything(cfg.seed, workers=True)  # the same weights whether or not a captioner trained first
+        L.seed_everything(cfg.seed, workers=True, verbose=False)  # the same weights whether or not a captioner trained first
         backbone = _build_backbone(cfg, corpus, dense, scheme.reserved_words())
     features = None
     if scheme.needs_features:
+        log.info("features: %s targets with the %s encoder (cached)", len(task.targets), cfg.features.encoder)
         encoder = dense if cfg.features.encoder == "dense" else _feature_encoder(cfg.features.encoder, corpus)
         features = cached_target_features(
             encoder, cfg.features.encoder, task.targets, corpus_fingerprint=corpus.fingerprint(),
@@ -339,6 +354,7 @@ def _fit_direction(cfg, corpus, task, dense, out_dir: Path, scheme_options) -> l
         from gcr.rationales import mllm_answerer
 
         scheme.answerer = mllm_answerer(backbone, batch_size=int(cfg.eval.batch_size))
+    log.info("identifiers: %s for %s %s targets", cfg.scheme.name, len(task.targets), task.direction)
     t0 = time.perf_counter()
     assignments = scheme.fit(task.targets, features)
     index = IdentifierIndex.build(
@@ -373,14 +389,19 @@ def _fit_direction(cfg, corpus, task, dense, out_dir: Path, scheme_options) -> l
                  EpochEndCheckpoint(last), EpochSeed(int(cfg.seed))]
     trainer = _trainer(
         cfg, max_epochs=int(cfg.trainer.max_epochs), run_dir=out_dir, callbacks=callbacks,
+        name=f"{cfg.scheme.name}/{task.direction}",
         loggers=_wandb_logger(cfg, out_dir, f"{cfg.run_name}-{task.direction}"),
     )
-    log.info("training %s/%s: %d examples per epoch", cfg.scheme.name, task.direction, len(data.examples))
+    log.info("training %s/%s: %s per epoch", cfg.scheme.name, task.direction, _plural(len(data.examples), "example"))
     start = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None)
+    if last.exists():
+        log.info("resuming %s/%s from %s", cfg.scheme.name, task.direction, last)
+    # weights_only: resuming never unpickles arbitrary objects (the checkpoint holds tensors and plain values)
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None, weights_only=True)
     train_seconds = time.perf_counter() - start
     if trainer.is_global_zero:
         backbone.save(out_dir / "backbone")
+    log.info("evaluating %s/%s on %s test queries", cfg.scheme.name, task.direction, len(task.queries_of("test")))
     trainer.test(module, datamodule=data, verbose=False)
     stats = {**index.stats(), "build_seconds": index_seconds, **scheme.stats()}
     if scheme.uses_descriptions:
@@ -405,6 +426,7 @@ def _rows(cfg: DictConfig, direction: str, results: dict, train_seconds, stats: 
 # -- eval ---------------------------------------------------------------------------------------
 def evaluate(path: str | Path, overrides: DictConfig | None = None) -> dict[str, Any]:
     """Re-evaluate a finished run (a run folder, a direction folder, or a ``.ckpt`` inside one)."""
+    silence_third_party(verbose=log.isEnabledFor(logging.DEBUG))
     path = Path(path)
     ckpt = path if path.suffix == ".ckpt" else None
     run_dir = find_run_dir(path)
@@ -439,6 +461,7 @@ def evaluate(path: str | Path, overrides: DictConfig | None = None) -> dict[str,
         data = GenerativeDataModule(task, index, backbone, eval_batch_size=cfg.eval.batch_size)
         evaluation = RetrievalEvaluation(tuple(cfg.eval.ks))
         callbacks = [ConstrainedDecoding(task, index, num_beams=cfg.decoding.num_beams), evaluation]
-        _trainer(cfg, max_epochs=1, run_dir=None, callbacks=callbacks).test(module, datamodule=data, verbose=False)
+        _trainer(cfg, max_epochs=1, run_dir=None, callbacks=callbacks, name=f"{cfg.scheme.name}/{direction}").test(
+            module, datamodule=data, verbose=False)
         rows += _rows(cfg, direction, evaluation.results, None, index.stats())
     return build_results(cfg, corpus, rows)

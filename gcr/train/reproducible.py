@@ -65,7 +65,9 @@ class EpochEndCheckpoint(L.Callback):
         self.path = Path(path)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        trainer.save_checkpoint(self.path)  # every rank calls it; the strategy writes on rank 0
+        # weights_only=False keeps the optimizer and loop state that resuming needs (all tensors and plain
+        # values: resume loads it back with torch.load(weights_only=True)); every rank calls it, rank 0 writes.
+        trainer.save_checkpoint(self.path, weights_only=False)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
