@@ -75,7 +75,7 @@ def recall_curves(results: Mapping[str, Any], path: str | Path) -> Path:
     corpus = results.get("corpus", {}).get("name")
     bars = "bars: 95% bootstrap CI over test queries" if intervals else "bars: std over seeds"
     if corpus:
-        fig.suptitle(f"Recall@K on {corpus} (test split; {bars})")
+        fig.suptitle(f"Recall@K on {corpus} (test split)\n{bars}", fontsize="medium")
     return _save(fig, path)
 
 
