@@ -6,6 +6,8 @@ A bench file (``configs/bench/NAME.yaml``, or any YAML path) is plain YAML, not 
     seeds: [0, 1, 2]           # every run once per seed; the table reports mean ± std (sample std, ddof=1)
     overrides: []              # applied to every run, before the command line's overrides
     dense: true                # evaluate the dense baseline once per seed (false: no dense row)
+    reference: dense           # the row every other row is compared with (paired bootstrap 95% interval);
+                               # a run label, or dense; default: dense when dense is true, else the first run
     runs:                      # label -> that run's Hydra overrides (applied last)
       atomic: [scheme=atomic]
       hkmeans: [scheme=hkmeans]
@@ -17,7 +19,9 @@ that is what makes one table of them a comparison.
 
 Output, in ``<output_dir>/bench-<name>/``: one folder per run (``LABEL-sS/``, a normal ``gcr fit`` run
 folder plus ``bench_run.json``), ``results.json`` (every row, each generative row's ``method`` renamed to
-its run label and carrying its ``seed``, and a ``bench`` section), ``results.md`` and ``recall_at_k.png``.
+its run label and carrying its ``seed``, a ``bench`` section and an ``intervals`` section: every row's
+95% interval and its paired difference to the reference, see :func:`gcr.results.compute_intervals`),
+``results.md`` and ``recall_at_k.png``. ``gcr table PATH`` recomputes the tables from a stored results.json.
 
 Resuming: a run folder holding a ``results.json`` whose config equals the run's resolved config (``wandb``
 aside, which does not change a result) is a finished run: its rows are reused, nothing is retrained.
@@ -44,7 +48,7 @@ log = logging.getLogger("gcr")
 BENCH_GROUP = "bench"
 RUN_MARKER = "bench_run.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-_KEYS = {"name", "description", "seeds", "overrides", "runs", "dense"}
+_KEYS = {"name", "description", "seeds", "overrides", "runs", "dense", "reference"}
 #: Config keys that may differ between a finished run and the new one without forcing a retrain.
 IGNORED_FOR_REUSE = ("wandb",)
 #: Config keys every run of a bench must share.
@@ -62,6 +66,7 @@ class BenchSpec:
     dense: bool = True
     description: str | None = None
     path: str | None = None
+    reference: str | None = None  # None: the dense baseline when there is one, else the first run
 
     @classmethod
     def from_mapping(cls, data: Any, *, default_name: str | None = None, path: str | None = None) -> BenchSpec:
@@ -96,9 +101,16 @@ class BenchSpec:
         dense = data.get("dense", True)
         if not isinstance(dense, bool):
             raise ConfigError(f"{where}: dense must be true or false, got {dense!r}")
+        reference = data.get("reference")
+        if reference is not None:
+            reference = str(reference)
+            known = reference in parsed_runs or any(reference.startswith(f"{label}+") for label in parsed_runs)
+            if not known and not (dense and reference.startswith("dense")):
+                raise ConfigError(f"{where}: reference {reference!r} is not a run of this bench; choose one of "
+                                  f"{', '.join([*parsed_runs, *(['dense'] if dense else [])])}")
         return cls(name=name, runs=parsed_runs, seeds=list(seeds),
                    overrides=_string_list(data.get("overrides") or [], f"{where}: overrides"),
-                   dense=dense, description=data.get("description"), path=path)
+                   dense=dense, description=data.get("description"), path=path, reference=reference)
 
 
 def _string_list(value: Any, where: str) -> list[str]:
@@ -253,10 +265,27 @@ def _dense_rows(cfg: Any, corpus: Any, seed: int) -> list[dict[str, Any]]:
     return [asdict(row) for row in pipeline.dense_rows(cfg, corpus, dense, seconds)]
 
 
+def _reference(spec: BenchSpec, results: dict[str, Any]) -> str:
+    """The bench's reference method: ``dense`` names the dense rows whatever their type (``dense-pretrained``)."""
+    from gcr.results import default_reference
+
+    methods = {r["method"] for r in results["rows"]}
+    if spec.reference is None or (spec.reference == "dense" and "dense" not in methods):
+        return default_reference(results)
+    return spec.reference
+
+
 def run_bench(bench_cfg: BenchSpec | Any, base_overrides: list[str], cdir: Path) -> dict[str, Any]:
     """Run (or reuse) every run of the bench for every seed; save, plot, print and return one results document."""
     from gcr.data.sources import load_dataset
-    from gcr.results import ResultRow, build_results, is_main_process, print_table, save_results
+    from gcr.results import (
+        ResultRow,
+        build_results,
+        compute_intervals,
+        is_main_process,
+        print_table,
+        save_results,
+    )
     from gcr.train.pipeline import fit
 
     spec = bench_cfg if isinstance(bench_cfg, BenchSpec) else BenchSpec.from_mapping(bench_cfg)
@@ -306,7 +335,12 @@ def run_bench(bench_cfg: BenchSpec | Any, base_overrides: list[str], cdir: Path)
         "overrides": [*spec.overrides, *base_overrides],
         "wall_seconds": wall,  # per label, one entry per seed (in the order of seeds); a reused run keeps its own
         "reused": reused,
+        "reference": _reference(spec, results),
     }
+    results["intervals"] = compute_intervals(results, results["bench"]["reference"])
+    for missing in results["intervals"]["missing"]:
+        log.warning("bench %s: no interval for %s %s: %s", spec.name, missing["method"], missing["direction"],
+                    missing["why"])
     if is_main_process():
         save_results(results, bench_dir)
         from gcr.plots import recall_curves

@@ -5,6 +5,7 @@
     gcr eval ckpt=PATH                 re-evaluate a run folder, direction folder or .ckpt
     gcr bench NAME [key=value ...]     every run of configs/bench/NAME.yaml (or a YAML path), every seed:
                                        one table (mean ± std over seeds), results.json, recall_at_k.png
+    gcr table PATH [--reference M]     the table + bootstrap intervals of a stored results.json, no retraining
     gcr explain RUN --text "a red star" retrieve with an RGS-trained run and generate why each result matches
     gcr schemes                        registered identifier schemes (built-in and plugins)
     gcr data shapes --out DIR -n N     generate the shapes corpus in Karpathy format
@@ -96,6 +97,32 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_table(args) -> int:
+    from gcr.artifacts import read_json
+    from gcr.results import compute_intervals, print_table, save_results
+
+    if args.resamples < 1:
+        raise ConfigError(f"--resamples must be at least 1, got {args.resamples}")
+    path = Path(args.path)
+    path = path / "results.json" if path.is_dir() else path
+    results = read_json(path, what="results file")
+    if not isinstance(results, dict) or not isinstance(results.get("rows"), list) or not results["rows"]:
+        raise ConfigError(f"{path} is not a gcr results file (no rows); pass the results.json of a fit or bench")
+    reference = args.reference or (results.get("bench") or {}).get("reference") or \
+        (results.get("intervals") or {}).get("reference")
+    results["intervals"] = compute_intervals(results, reference, resamples=args.resamples)
+    if args.out:
+        from gcr.plots import recall_curves
+
+        save_results(results, args.out)
+        recall_curves(results, Path(args.out) / "recall_at_k.png")
+    print_table(results, title=f"table {path}")
+    if not results["intervals"]["rows"]:
+        print(f"no per-query ranks in {path} (results version {results.get('gcr_results_version')}): no intervals; "
+              "re-evaluate the runs with `gcr eval ckpt=RUN` to get them")
+    return 0
+
+
 def cmd_explain(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -158,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("overrides", nargs="*", help="key=value overrides applied to every run of the bench")
     bench.add_argument("--config-dir", help="folder holding config.yaml, the config groups and bench/")
     bench.set_defaults(func=cmd_bench)
+    tb = sub.add_parser("table", help="recompute the table and intervals of a results.json: gcr table PATH")
+    tb.add_argument("path", help="a results.json, or a folder holding one (a run or bench folder)")
+    tb.add_argument("--reference", help="the method every row is compared with (default: the bench's reference, "
+                                        "else the dense baseline, else the first method)")
+    tb.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    tb.add_argument("--out", help="also write results.json, results.md and recall_at_k.png into this folder")
+    tb.set_defaults(func=cmd_table)
     ex = sub.add_parser("explain", help="retrieve for one query and generate each result's rationale (runs with rgs)")
     ex.add_argument("run", help="a run folder trained with rgs.enabled=true")
     ex.add_argument("--text", help="a caption query (text-to-image)")

@@ -38,9 +38,12 @@ def recall_curves(results: Mapping[str, Any], path: str | Path) -> Path:
     """Recall@K (percent) against K, one line per method, one panel per direction.
 
     Only the K that were evaluated (``eval.ks``, by default 1, 5, 10) are known, so each line joins those
-    points. With several seeds a point is the mean and its error bar the sample std over the seeds.
+    points. With several seeds a point is the mean over the seeds. Its error bar is the 95% bootstrap interval
+    over test queries when the document has one for that method (``intervals``, see
+    :func:`gcr.results.compute_intervals`), else the sample std over the seeds (none for a single seed).
     """
     stats = aggregate(list(results["rows"]))
+    intervals = {(e["method"], e["direction"]): e["metrics"] for e in (results.get("intervals") or {}).get("rows", [])}
     directions = sorted({d for _, d in stats}, key=direction_order)
     if not directions:
         raise ValueError("the results hold no rows to plot")
@@ -55,9 +58,13 @@ def recall_curves(results: Mapping[str, Any], path: str | Path) -> Path:
                 continue
             all_ks.update(ks)
             means = [100 * agg["metrics"][f"R@{k}"][0] for k in ks]
-            stds = [100 * agg["metrics"][f"R@{k}"][1] for k in ks]
+            yerr = [100 * agg["metrics"][f"R@{k}"][1] for k in ks] if agg["n"] > 1 else None
+            ci = intervals.get((method, d), {})
+            if all(f"R@{k}" in ci for k in ks):  # asymmetric bars: mean - low, high - mean
+                yerr = [[max(0.0, m - 100 * ci[f"R@{k}"]["low"]) for m, k in zip(means, ks)],
+                        [max(0.0, 100 * ci[f"R@{k}"]["high"] - m) for m, k in zip(means, ks)]]
             label = method if agg["n"] == 1 else f"{method} (n={agg['n']})"
-            ax.errorbar(ks, means, yerr=stds if agg["n"] > 1 else None, marker="o", capsize=3, label=label)
+            ax.errorbar(ks, means, yerr=yerr, marker="o", capsize=3, label=label)
         ax.set_xticks(sorted(all_ks))
         ax.set_xlabel("K")
         ax.set_ylabel("Recall@K (%)")
@@ -66,8 +73,9 @@ def recall_curves(results: Mapping[str, Any], path: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     corpus = results.get("corpus", {}).get("name")
+    bars = "bars: 95% bootstrap CI over test queries" if intervals else "bars: std over seeds"
     if corpus:
-        fig.suptitle(f"Recall@K on {corpus} (test split)")
+        fig.suptitle(f"Recall@K on {corpus} (test split)\n{bars}", fontsize="medium")
     return _save(fig, path)
 
 

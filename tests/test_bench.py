@@ -96,6 +96,100 @@ def test_bench_table_reports_mean_and_std_and_the_plot_is_a_png(bench):
     assert (bench_dir / "recall_at_k.png").read_bytes()[:8] == PNG
 
 
+def test_every_row_keeps_per_query_ranks_that_reproduce_its_metrics_exactly(bench):
+    """Dense and generative rows: each test query's id and first relevant rank, read back from results.json."""
+    from omegaconf import OmegaConf
+
+    from gcr.data.corpus import retrieval_task
+    from gcr.data.sources import load_dataset
+    from gcr.results import RESULTS_VERSION, row_metrics_from_ranks
+
+    _, _, results = bench
+    assert results["gcr_results_version"] == RESULTS_VERSION == 2
+    corpus = load_dataset(OmegaConf.create(results["config"]["data"]))
+    test_captions = sorted(q.query_id for q in retrieval_task(corpus, "t2i").queries_of("test"))
+    for row in results["rows"]:
+        pq = row["per_query"]
+        assert pq["ids"] == test_captions  # every test caption once, by its caption id
+        assert len(pq["ranks"]) == len(pq["ids"]) and all(0 <= r <= pq["depth"] for r in pq["ranks"])
+        assert pq["depth"] == (10 if row["kind"] == "dense" else 3)  # dense: top 10; generative: 3 beams
+        recomputed = row_metrics_from_ranks(row)
+        assert set(recomputed) == {"R@1", "R@5", "R@10", "MRR@10"}
+        assert recomputed == {k: row["metrics"][k] for k in recomputed}  # exactly, not approximately
+    assert any(r > 0 for row in results["rows"] for r in row["per_query"]["ranks"])  # not all misses
+
+
+def test_bench_reports_paired_intervals_against_its_reference(bench):
+    _, bench_dir, results = bench
+    section = results["intervals"]
+    assert results["bench"]["reference"] == section["reference"] == "dense"  # no reference key: the dense row
+    assert section["confidence"] == 0.95 and section["resamples"] == 2000 and section["missing"] == []
+    entries = {(e["method"], e["direction"]): e for e in section["rows"]}
+    assert set(entries) == {("dense", "t2i"), ("atomic", "t2i"), ("hk4", "t2i")}
+    for (method, _), entry in entries.items():
+        assert entry["seeds"] == [0, 1] and entry["queries"] == [50, 50]
+        for name, m in entry["metrics"].items():
+            rows = [r for r in results["rows"] if r["method"] == method]
+            assert m["mean"] == pytest.approx(sum(r["metrics"][name] for r in rows) / 2)
+            assert m["low"] <= m["mean"] <= m["high"]
+            if method == "dense":
+                assert "diff" not in m
+                continue
+            dense = [r for r in results["rows"] if r["method"] == "dense"]
+            assert m["diff"] == pytest.approx(m["mean"] - sum(r["metrics"][name] for r in dense) / 2)
+            assert m["diff_low"] <= m["diff"] <= m["diff_high"]
+            assert m["significant"] == (not m["diff_low"] <= 0 <= m["diff_high"])
+    table = (bench_dir / "results.md").read_text()
+    assert "T2I ΔR@1" in table.splitlines()[0]
+    assert "| dense | T2I |" in table and "Δ" in table and "ref" in table
+    for method in ("atomic", "hk4"):
+        m = entries[(method, "t2i")]["metrics"]["R@1"]
+        cell = f"{100 * m['diff']:+.1f} [{100 * m['diff_low']:+.1f}, {100 * m['diff_high']:+.1f}]"
+        line = next(line for line in table.splitlines() if line.startswith(f"| {method} |"))
+        assert cell + ("" if m["significant"] else " n.s.") + " |" in line
+
+
+def test_gcr_table_recomputes_the_tables_from_results_json(bench, tmp_path, capsys):
+    _, bench_dir, results = bench
+    out = tmp_path / "again"
+    assert main(["table", str(bench_dir), "--out", str(out)]) == 0  # the folder: its results.json
+    assert (out / "results.md").read_text() == (bench_dir / "results.md").read_text()
+    again = json.loads((out / "results.json").read_text())
+    assert again == results  # the round trip: same rows, same intervals (the bootstrap is seeded)
+    assert (out / "recall_at_k.png").read_bytes()[:8] == PNG
+    printed = capsys.readouterr().out
+    assert "ΔR@1 vs dense" in printed and "hk4" in printed
+
+    assert main(["table", str(bench_dir / "results.json"), "--reference", "hk4", "--out", str(out)]) == 0
+    switched = json.loads((out / "results.json").read_text())["intervals"]
+    assert switched["reference"] == "hk4"
+    dense = next(e for e in switched["rows"] if e["method"] == "dense")["metrics"]["R@1"]
+    hk4 = next(e for e in results["intervals"]["rows"] if e["method"] == "hk4")["metrics"]["R@1"]
+    assert dense["diff"] == pytest.approx(-hk4["diff"])  # the same pairs, seen from the other side
+    assert dense["diff_low"] == pytest.approx(-hk4["diff_high"]) and dense["diff_high"] == pytest.approx(-hk4["diff_low"])
+
+    assert main(["table", str(bench_dir), "--reference", "nope"]) == 2
+    assert "reference 'nope'" in capsys.readouterr().err
+
+
+def test_gcr_table_reads_a_results_file_without_per_query_ranks(bench, tmp_path, capsys):
+    """A version-1 document (no per-query ranks): the table as before, no intervals, and a note saying why."""
+    _, _, results = bench
+    old = json.loads(json.dumps(results))
+    old["gcr_results_version"] = 1
+    for key in ("intervals",):
+        old.pop(key)
+    old["bench"].pop("reference")
+    for row in old["rows"]:
+        row.pop("per_query")
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    assert main(["table", str(tmp_path / "results.json"), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "no per-query ranks" in printed and "results version 1" in printed
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "Δ" not in table and table.splitlines()[0] == format_table(old).splitlines()[0]
+
+
 def test_rerunning_a_bench_reuses_the_finished_runs(bench, capsys):
     tmp, bench_dir, first = bench
     before = _finished_files(bench_dir)
@@ -183,6 +277,12 @@ def test_bench_files_are_checked(tmp_path):
         BenchSpec.from_mapping({"name": "x", "seeds": ["a"], "runs": {"a": []}})
     with pytest.raises(ConfigError, match="label"):
         BenchSpec.from_mapping({"name": "x", "runs": {"a/b": []}})
+    with pytest.raises(ConfigError, match="reference 'hk' is not a run"):
+        BenchSpec.from_mapping({"name": "x", "reference": "hk", "runs": {"a": []}})
+    with pytest.raises(ConfigError, match="reference 'dense'"):  # no dense row to compare with
+        BenchSpec.from_mapping({"name": "x", "reference": "dense", "dense": False, "runs": {"a": []}})
+    assert BenchSpec.from_mapping({"name": "x", "reference": "a+gsv", "runs": {"a": []}}).reference == "a+gsv"
+    assert BenchSpec.from_mapping({"name": "x", "runs": {"a": []}}).reference is None  # dense, else the first run
     with pytest.raises(ConfigError, match="data"):  # a run may not change the data the others use
         plan(BenchSpec.from_mapping({"name": "x", "runs": {"a": ["scheme=atomic"], "b": ["data.num_images=200"]}}),
              _args(tmp_path), cdir)

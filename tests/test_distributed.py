@@ -53,9 +53,11 @@ def test_two_process_evaluation_gives_the_metrics_of_one_process(ddp_run):
         _run(["eval", f"ckpt={ddp_run}", *extra], ddp_run.parent)
         saved = json.loads((ddp_run / "eval" / "results.json").read_text())
         (row,) = [r for r in saved["rows"] if r["method"] == "atomic"]
-        return {k: v for k, v in row["metrics"].items() if k != "queries_per_s"}
+        return {k: v for k, v in row["metrics"].items() if k != "queries_per_s"}, row["per_query"]
 
-    single = metrics()
-    double = metrics("trainer.devices=2", "trainer.strategy=ddp")
+    single, single_queries = metrics()
+    double, double_queries = metrics("trainer.devices=2", "trainer.strategy=ddp")
     assert single == double
+    # both shards' per-query ranks gathered: every one of the 55 queries once (the padding query dropped)
+    assert double_queries == single_queries and len(set(double_queries["ids"])) == 55
     assert set(single) == {"R@1", "R@5", "R@10", "MRR@10"}

@@ -158,6 +158,8 @@ def check_command(command: Command, capsys) -> None:
         assert "ckpt" in keys or "run" in keys, f"{command.where}: gcr eval needs ckpt=PATH"
     elif name == "explain":
         assert args.text or args.image, f"{command.where}: gcr explain needs --text or --image"
+    elif name == "table":
+        assert args.path, f"{command.where}: gcr table needs a results.json or folder"
     else:
         assert name in ("schemes", "data"), f"{command.where}: unknown command {name!r}"
 

@@ -39,7 +39,7 @@ def hkmeans_run(tmp_path_factory):
 def test_fit_writes_versioned_results_for_both_directions(hkmeans_run):
     _, run_dir, results = hkmeans_run
     saved = json.loads((run_dir / "results.json").read_text())
-    assert saved["gcr_results_version"] == 1
+    assert saved["gcr_results_version"] == 2
     assert saved["corpus"]["test_images"] == 10
     assert 0.0 <= saved["corpus"]["test_caption_ambiguity"]["ambiguous_share"] <= 1.0
     rows = {(r["method"], r["direction"]) for r in saved["rows"]}

@@ -41,12 +41,14 @@ VERIFIED = "+gsv"
 class RetrievalEvaluation(L.Callback):
     """Accumulates ranked targets per query and logs ``{split}/R@K`` and ``{split}/MRR@10``.
 
-    When the module verifies (GSV), the re-ranked lists are scored too, as ``{split}+gsv``.
+    When the module verifies (GSV), the re-ranked lists are scored too, as ``{split}+gsv``. ``per_query[key]``
+    keeps each query's id and the rank of its first relevant target (see :class:`RetrievalScorer`).
     """
 
     def __init__(self, ks: tuple[int, ...] = (1, 5, 10)):
         self.ks = tuple(ks)
         self.results: dict[str, dict[str, float]] = {}
+        self.per_query: dict[str, dict] = {}
         self._scorers: dict[str, RetrievalScorer] = {}
 
     def _scorer(self, trainer: L.Trainer, split: str) -> RetrievalScorer:
@@ -58,9 +60,10 @@ class RetrievalEvaluation(L.Callback):
         counted = getattr(batch, "counted", [True] * len(batch))
         kept = [i for i, c in enumerate(counted) if c]  # drop queries repeated only to even out DDP shards
         relevant = [batch[i].relevant for i in kept]
-        self._scorer(trainer, split).update([outputs.targets[i] for i in kept], relevant)
+        ids = [batch[i].query_id for i in kept]
+        self._scorer(trainer, split).update([outputs.targets[i] for i in kept], relevant, ids)
         if outputs.verified is not None:  # the same queries after Generative Semantic Verification
-            self._scorer(trainer, split + VERIFIED).update([outputs.verified.targets[i] for i in kept], relevant)
+            self._scorer(trainer, split + VERIFIED).update([outputs.verified.targets[i] for i in kept], relevant, ids)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self._update(trainer, "val", outputs, batch)
@@ -82,6 +85,7 @@ class RetrievalEvaluation(L.Callback):
             if split == "test" and seconds > 0:
                 metrics["queries_per_s"] = pl_module.retrieval_queries / seconds
             self.results[key] = metrics
+            self.per_query[key] = scorer.per_query()
             for name, value in metrics.items():
                 pl_module.log(f"{key}/{name}", value, sync_dist=False, prog_bar=name == "R@1")
 

@@ -61,11 +61,18 @@ def pair_loader(corpus: Corpus, batch_size: int, seed: int = 0) -> DataLoader:
     return DataLoader(pairs, batch_size=batch_size, shuffle=True, collate_fn=collate, generator=generator)
 
 
-@torch.no_grad()
 def evaluate_dense(
     encoder: DualEncoder, task: RetrievalTask, split: str = "test", ks=(1, 5, 10), batch_size: int = 256
 ) -> dict[str, float]:
     """Exact search of ``split``'s queries among ``split``'s targets; Recall@K, MRR@10, queries/s."""
+    return score_dense(encoder, task, split, ks, batch_size)[0]
+
+
+@torch.no_grad()
+def score_dense(
+    encoder: DualEncoder, task: RetrievalTask, split: str = "test", ks=(1, 5, 10), batch_size: int = 256
+) -> tuple[dict[str, float], dict]:
+    """:func:`evaluate_dense`'s metrics and its per-query record (``RetrievalScorer.per_query``)."""
     encoder.eval()
     targets, queries = task.targets_of(split), task.queries_of(split)
     target_emb = torch.from_numpy(encode_contents(encoder, [t.content for t in targets], batch_size))
@@ -78,11 +85,11 @@ def evaluate_dense(
         query_emb = torch.from_numpy(encode_contents(encoder, [q.content for q in chunk], batch_size))
         top = (query_emb @ target_emb.T).topk(k, dim=1).indices
         seconds += time.perf_counter() - t0
-        scorer.update([[targets[j].target_id for j in row] for row in top.tolist()], [q.relevant for q in chunk])
+        scorer.update([[targets[j].target_id for j in row] for row in top.tolist()], [q.relevant for q in chunk],
+                      [q.query_id for q in chunk])
     metrics = scorer.compute()
     metrics["queries_per_s"] = len(queries) / seconds if seconds else float("nan")
-    return metrics
-
+    return metrics, scorer.per_query()
 
 
 def train_frozen_dense(

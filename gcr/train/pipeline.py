@@ -41,7 +41,7 @@ from gcr.run_folder import RunFolder, choose_run_dir
 from gcr.schemes import build_scheme
 from gcr.train.callbacks import ConstrainedDecoding, RetrievalEvaluation
 from gcr.train.datamodule import GenerativeDataModule
-from gcr.train.dense import DenseModule, evaluate_dense, pair_loader, train_frozen_dense
+from gcr.train.dense import DenseModule, pair_loader, score_dense, train_frozen_dense
 from gcr.train.module import GenerativeRetrievalModule, check_checkpoint_identity, check_checkpoint_keys
 from gcr.train.progress_bar import StageProgress
 from gcr.train.quiet import silence_third_party
@@ -234,12 +234,12 @@ def _fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 def dense_rows(cfg: DictConfig, corpus: Corpus, dense, train_seconds: float) -> list[ResultRow]:
     """The dense baseline scored on every direction's test split (``dense`` or ``dense-<type>`` rows)."""
     name = "dense" if cfg.dense.get("type", "clip") == "clip" else f"dense-{cfg.dense.type}"
-    return [
-        ResultRow(name, "dense", direction,
-                  evaluate_dense(dense, _evaluation_task(cfg, corpus, direction), "test", tuple(cfg.eval.ks)),
-                  train_seconds, seed=int(cfg.seed))
-        for direction in cfg.directions
-    ]
+    rows = []
+    for direction in cfg.directions:
+        metrics, per_query = score_dense(dense, _evaluation_task(cfg, corpus, direction), "test", tuple(cfg.eval.ks))
+        rows.append(ResultRow(name, "dense", direction, metrics, train_seconds, seed=int(cfg.seed),
+                              per_query=per_query))
+    return rows
 
 
 def _feature_encoder(name: str, corpus: Corpus):
@@ -406,20 +406,23 @@ def _fit_direction(cfg, corpus, task, dense, out_dir: Path, scheme_options) -> l
     stats = {**index.stats(), "build_seconds": index_seconds, **scheme.stats()}
     if scheme.uses_descriptions:
         stats["description"] = cfg.description.source
-    return _rows(cfg, task.direction, evaluation.results, train_seconds, stats)
+    return _rows(cfg, task.direction, evaluation.results, train_seconds, stats, evaluation.per_query)
 
 
-def _rows(cfg: DictConfig, direction: str, results: dict, train_seconds, stats: dict) -> list[ResultRow]:
+def _rows(cfg: DictConfig, direction: str, results: dict, train_seconds, stats: dict,
+          per_query: dict | None = None) -> list[ResultRow]:
     """The test row, and the ``+gsv`` row when verification re-ranked the same candidates."""
     from gcr.train.callbacks import VERIFIED
 
     method, seed = cfg.scheme.name, int(cfg.seed)
     if cfg.get("rgs") is not None and cfg.rgs.enabled:
         method += "+rgs"
-    rows = [ResultRow(method, "generative", direction, dict(results["test"]), train_seconds, index=stats, seed=seed)]
+    per_query = per_query or {}
+    rows = [ResultRow(method, "generative", direction, dict(results["test"]), train_seconds, index=stats, seed=seed,
+                      per_query=per_query.get("test"))]
     if "test" + VERIFIED in results:
         rows.append(ResultRow(method + VERIFIED, "generative", direction, dict(results["test" + VERIFIED]),
-                              train_seconds, index=stats, seed=seed))
+                              train_seconds, index=stats, seed=seed, per_query=per_query.get("test" + VERIFIED)))
     return rows
 
 
@@ -463,5 +466,5 @@ def evaluate(path: str | Path, overrides: DictConfig | None = None) -> dict[str,
         callbacks = [ConstrainedDecoding(task, index, num_beams=cfg.decoding.num_beams), evaluation]
         _trainer(cfg, max_epochs=1, run_dir=None, callbacks=callbacks, name=f"{cfg.scheme.name}/{direction}").test(
             module, datamodule=data, verbose=False)
-        rows += _rows(cfg, direction, evaluation.results, None, index.stats())
+        rows += _rows(cfg, direction, evaluation.results, None, index.stats(), evaluation.per_query)
     return build_results(cfg, corpus, rows)
