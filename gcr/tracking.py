@@ -331,13 +331,14 @@ def read_offline_run(folder: str | Path) -> dict[str, Any]:
     """An offline W&B run folder (``offline-run-*``) read back with wandb's own record schema.
 
     Returns ``id``, ``name``, ``group``, ``job_type``, ``tags``, ``config`` (final values), ``summary`` (final
-    values), ``history`` (one dict per logged step) and ``exit_code`` (None if the run never finished).
+    values), ``history`` (one dict per logged step), ``artifacts`` (name, type, file paths) and ``exit_code``
+    (None if the run never finished).
     """
     from wandb.proto import wandb_internal_pb2 as pb
 
     folder = Path(folder)
     (path,) = folder.glob("run-*.wandb")
-    out: dict[str, Any] = {"config": {}, "summary": {}, "history": [], "exit_code": None}
+    out: dict[str, Any] = {"config": {}, "summary": {}, "history": [], "artifacts": [], "exit_code": None}
 
     def apply(target: dict, item) -> None:
         keys = list(item.nested_key) or [item.key]
@@ -366,6 +367,9 @@ def read_offline_run(folder: str | Path) -> dict[str, Any]:
             for item in record.history.item:
                 apply(step, item)
             out["history"].append(step)
+        elif kind == "artifact":
+            a = record.artifact
+            out["artifacts"].append({"name": a.name, "type": a.type, "files": [e.path for e in a.manifest.contents]})
         elif kind == "exit":
             out["exit_code"] = record.exit.exit_code
     return out

@@ -141,6 +141,10 @@ def test_the_summary_run_references_its_members(bench):
     assert sorted(row[0] for row in table["data"]) == sorted(members)
     assert {"bench:wb", "scheme:atomic", "scheme:hkmeans", "seed:0"} <= set(summary["tags"])
     assert summary["summary"]["atomic/t2i/R@1"] >= 0  # the bench table's scalars
+    assert summary["summary"]["plots/recall_at_k"]["_type"] == "image-file"
+    (artifact,) = [a for a in summary["artifacts"] if a["type"] == "results"]  # (tables are artifacts too)
+    assert artifact["name"] == "bench-wb-results" and sorted(artifact["files"]) == ["results.json", "results.md"]
+    assert all(a["type"] == "run_table" for n, r in runs.items() if n != "bench-wb" for a in r["artifacts"])
 
 
 def test_rerun_reuses_members_and_still_points_at_their_runs(bench):
