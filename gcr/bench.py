@@ -11,8 +11,8 @@ A bench file (``configs/bench/NAME.yaml``, or any YAML path) is plain YAML, not 
       hkmeans: [scheme=hkmeans]
 
 Each run is composed as ``overrides + command line + run overrides + [seed=S,
-run_name=bench-NAME/LABEL-sS, dense.enabled=false, wandb.group=bench-NAME]``. Every config is composed and checked before the
-first run starts, so a bad key fails at once. The runs must share ``data``, ``eval`` and ``output_dir``:
+run_name=bench-NAME/LABEL-sS, dense.enabled=false, wandb.group=bench-NAME]``. Every config is composed and
+checked before the first run starts, so a bad key fails at once. The runs must share ``data``, ``eval`` and ``output_dir``:
 that is what makes one table of them a comparison.
 
 Output, in ``<output_dir>/bench-<name>/``: one folder per run (``LABEL-sS/``, a normal ``gcr fit`` run
