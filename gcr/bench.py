@@ -13,8 +13,8 @@ A bench file (``configs/bench/NAME.yaml``, or any YAML path) is plain YAML, not 
       hkmeans: [scheme=hkmeans]
 
 Each run is composed as ``overrides + command line + run overrides + [seed=S,
-run_name=bench-NAME/LABEL-sS, dense.enabled=false]``. Every config is composed and checked before the
-first run starts, so a bad key fails at once. The runs must share ``data``, ``eval`` and ``output_dir``:
+run_name=bench-NAME/LABEL-sS, dense.enabled=false, wandb.group=bench-NAME]``. Every config is composed and
+checked before the first run starts, so a bad key fails at once. The runs must share ``data``, ``eval`` and ``output_dir``:
 that is what makes one table of them a comparison.
 
 Output, in ``<output_dir>/bench-<name>/``: one folder per run (``LABEL-sS/``, a normal ``gcr fit`` run
@@ -22,6 +22,11 @@ folder plus ``bench_run.json``), ``results.json`` (every row, each generative ro
 its run label and carrying its ``seed``, a ``bench`` section and an ``intervals`` section: every row's
 95% interval and its paired difference to the reference, see :func:`gcr.results.compute_intervals`),
 ``results.md`` and ``recall_at_k.png``. ``gcr table PATH`` recomputes the tables from a stored results.json.
+The dense baseline is trained (or loaded from the cache) once per seed, before that seed's runs.
+
+With ``wandb.enabled=true`` every member is a W&B run of its own in the group ``bench-NAME`` (each
+direction of each run and seed, ``LABEL-sS/DIR``; the dense baseline, ``dense-sS/``), and the bench
+summary run (job_type ``bench``, files in ``wandb/`` of the bench folder) lists them (see gcr.tracking).
 
 Resuming: a run folder holding a ``results.json`` whose config equals the run's resolved config (``wandb``
 aside, which does not change a result) is a finished run: its rows are reused, nothing is retrained.
@@ -174,8 +179,9 @@ def plan(spec: BenchSpec, base_overrides: list[str], cdir: Path) -> list[_Run]:
     runs = []
     for seed in spec.seeds:
         for label, run_overrides in spec.runs.items():
-            overrides = [*spec.overrides, *base_overrides, *run_overrides,
-                         f"seed={seed}", f"run_name=bench-{spec.name}/{label}-s{seed}", "dense.enabled=false"]
+            overrides = [*spec.overrides, *base_overrides, *run_overrides, f"seed={seed}",
+                         f"run_name=bench-{spec.name}/{label}-s{seed}", "dense.enabled=false",
+                         f"wandb.group=bench-{spec.name}"]  # the bench is one W&B group
             try:
                 cfg = compose(overrides, cdir)
                 options = {k: v for k, v in OmegaConf.to_container(cfg.scheme, resolve=True).items() if k != "name"}
@@ -255,14 +261,44 @@ def _relabel(rows: list[dict[str, Any]], run: _Run) -> list[dict[str, Any]]:
     return out
 
 
-def _dense_rows(cfg: Any, corpus: Any, seed: int) -> list[dict[str, Any]]:
-    """The dense baseline, trained (or loaded from the cache) and scored as ``pipeline.fit`` does it."""
+def _dense_rows(cfg: Any, corpus: Any, seed: int, bench_dir: Path) -> list[dict[str, Any]]:
+    """The dense baseline, trained (or loaded from the cache) and scored as ``pipeline.fit`` does it.
+
+    Tracked as the W&B run ``bench-NAME/dense-sS`` (files in that folder of the bench).
+    """
     from dataclasses import asdict
 
+    from gcr import tracking
     from gcr.train import pipeline
 
-    dense, seconds = pipeline.dense_baseline(cfg, corpus)
-    return [asdict(row) for row in pipeline.dense_rows(cfg, corpus, dense, seconds)]
+    name = f"{bench_dir.name}/dense-s{seed}"
+    with tracking.dense_run(cfg, name, bench_dir / f"dense-s{seed}") as tracked:
+        dense, seconds = pipeline.dense_baseline(cfg, corpus, tracked)
+        rows = pipeline.dense_rows(cfg, corpus, dense, seconds)
+        tracked.log_rows(rows)
+    return [asdict(row) for row in rows]
+
+
+def _members(spec: BenchSpec, runs: list[_Run], bench_dir: Path, reused: dict[str, list[bool]]) -> list[dict[str, Any]]:
+    """Every member of the bench as its W&B run (name, id from its folder's ``wandb-run.json``, ...)."""
+    from gcr.tracking import member_record
+
+    members = []
+    for i, seed in enumerate(spec.seeds):
+        if spec.dense:
+            folder = bench_dir / f"dense-s{seed}"
+            record = member_record(folder) or {}
+            members.append({"name": f"{bench_dir.name}/dense-s{seed}", "id": record.get("id"),
+                            "job_type": record.get("job_type"), "label": "dense", "seed": seed, "direction": None,
+                            "reused": False, "folder": str(folder)})
+        for run in (r for r in runs if r.seed == seed):
+            for direction in run.cfg.directions:
+                folder = run.run_dir / direction
+                record = member_record(folder) or {}
+                members.append({"name": f"{run.cfg.run_name}/{direction}", "id": record.get("id"),
+                                "job_type": record.get("job_type"), "label": run.label, "seed": seed,
+                                "direction": direction, "reused": reused[run.label][i], "folder": str(folder)})
+    return members
 
 
 def _reference(spec: BenchSpec, results: dict[str, Any]) -> str:
@@ -300,6 +336,8 @@ def run_bench(bench_cfg: BenchSpec | Any, base_overrides: list[str], cdir: Path)
     dense_rows: list[dict[str, Any]] = []
     for i, seed in enumerate(spec.seeds):
         seed_runs = [r for r in runs if r.seed == seed]
+        if spec.dense:  # first: a member that needs dense features then finds it cached, not trained inside it
+            dense_rows += _dense_rows(seed_runs[0].cfg, corpus, seed, bench_dir)
         for run in seed_runs:
             saved = finished_results(run)
             if saved is not None:
@@ -319,8 +357,6 @@ def run_bench(bench_cfg: BenchSpec | Any, base_overrides: list[str], cdir: Path)
                         {"bench": spec.name, "label": run.label, "seed": seed, "overrides": run.overrides,
                          "wall_seconds": wall[run.label][i]}, indent=2) + "\n")
             rows += _relabel(saved["rows"], run)
-        if spec.dense:
-            dense_rows += _dense_rows(seed_runs[0].cfg, corpus, seed)
 
     # the dense reference first, as in a `gcr fit` table
     results = build_results(first, corpus, [ResultRow(**r) for r in dense_rows + rows])
@@ -350,5 +386,5 @@ def run_bench(bench_cfg: BenchSpec | Any, base_overrides: list[str], cdir: Path)
         if first.wandb.enabled:
             from gcr.tracking import log_bench
 
-            log_bench(results, bench_dir, first)
+            log_bench(results, bench_dir, first, members=_members(spec, runs, bench_dir, reused))
     return results

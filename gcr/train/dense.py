@@ -14,6 +14,7 @@ from gcr.features import encode_contents
 from gcr.models.dense import DualEncoder
 from gcr.progress import progress
 from gcr.train.metrics import RetrievalScorer
+from gcr.train.schedules import lightning_optimizers
 
 
 class DenseModule(L.LightningModule):
@@ -31,14 +32,8 @@ class DenseModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {
-                "scheduler": torch.optim.lr_scheduler.OneCycleLR(optimizer, self.lr, total_steps=total, pct_start=0.1),
-                "interval": "step",
-            },
-        }
+        # 10% linear warm-up, then cosine to zero (what OneCycleLR did, without its failure at small budgets)
+        return lightning_optimizers(optimizer, self.trainer, warmup_ratio=0.1, final_ratio=0.0)
 
 
 def pair_loader(corpus: Corpus, batch_size: int, seed: int = 0) -> DataLoader:

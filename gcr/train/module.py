@@ -17,6 +17,7 @@ import torch
 from gcr.data.corpus import Query
 from gcr.rationales import rgs_loss
 from gcr.retrieval import Retrieved
+from gcr.train.schedules import lightning_optimizers
 
 
 class GenerativeRetrievalModule(L.LightningModule):
@@ -121,17 +122,8 @@ class GenerativeRetrievalModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = max(1, int(total * self.warmup_ratio))
-        schedule = torch.optim.lr_scheduler.SequentialLR(
-            optimizer,
-            [
-                torch.optim.lr_scheduler.LinearLR(optimizer, 1e-3, 1.0, total_iters=warmup),
-                torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, total - warmup), eta_min=self.lr * 0.05),
-            ],
-            milestones=[warmup],
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        # linear warm-up, then cosine down to 5% of the base LR (GSV and the captioner train through here too)
+        return lightning_optimizers(optimizer, self.trainer, warmup_ratio=self.warmup_ratio, final_ratio=0.05)
 
 
 def check_checkpoint_identity(saved: dict | None, expected: dict, path) -> None:

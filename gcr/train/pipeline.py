@@ -25,6 +25,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from gcr import tracking
 from gcr.artifacts import find_run_dir, load_tensors, write_json
 from gcr.data.corpus import Corpus, retrieval_task
 from gcr.data.sources import load_dataset
@@ -95,8 +96,11 @@ def corpus_tokenizer(corpus: Corpus, vocab_size: int, reserved_words=()):
     return train_corpus_tokenizer((c.text for c in corpus.captions("train")), vocab_size, reserved_words=reserved_words)
 
 
-def dense_baseline(cfg: DictConfig, corpus: Corpus):
-    """Train (or load from the cache) the dense baseline (``dense.type``); returns it and its train seconds."""
+def dense_baseline(cfg: DictConfig, corpus: Corpus, tracked=None):
+    """Train (or load from the cache) the dense baseline (``dense.type``); returns it and its train seconds.
+
+    ``tracked``: the dense baseline's :class:`gcr.tracking.TrackedRun`; its W&B run is started only if it trains.
+    """
     directory = _dense_dir(cfg, corpus)
     kind = cfg.dense.get("type", "clip")
     if kind not in ("clip", "pretrained"):
@@ -108,7 +112,7 @@ def dense_baseline(cfg: DictConfig, corpus: Corpus):
     d = cfg.dense
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if kind == "pretrained":
-        return _frozen_dense(cfg, corpus, directory)
+        return _frozen_dense(cfg, corpus, directory, tracked)
     encoder = DualEncoder(
         corpus_tokenizer(corpus, d.vocab_size),
         image_size=d.image_size,
@@ -122,9 +126,13 @@ def dense_baseline(cfg: DictConfig, corpus: Corpus):
     )
     log.info("dense baseline: training (%s)", _plural(int(d.max_epochs), "epoch"))
     start = time.perf_counter()
-    trainer = _trainer(cfg, max_epochs=int(d.max_epochs), run_dir=directory, name="the dense baseline")
+    loggers = tracked.lightning_logger() if tracked is not None else False
+    trainer = _trainer(cfg, max_epochs=int(d.max_epochs), run_dir=directory, loggers=loggers,
+                       name="the dense baseline")
     trainer.fit(DenseModule(encoder, lr=d.lr, weight_decay=d.weight_decay), pair_loader(corpus, d.batch_size, cfg.seed))
     seconds = time.perf_counter() - start
+    if tracked is not None:
+        tracked.update_summary({"dense/train_seconds": seconds, "dense/cache": str(directory)})
     if trainer.is_global_zero:  # under DDP every rank holds the same weights; one writes them
         encoder.save(directory)
         (directory / "done.json").write_text(json.dumps({"train_seconds": seconds}))
@@ -137,7 +145,7 @@ def _frozen_dense_class():
     return FrozenTowerDualEncoder
 
 
-def _frozen_dense(cfg: DictConfig, corpus: Corpus, directory: Path):
+def _frozen_dense(cfg: DictConfig, corpus: Corpus, directory: Path, tracked=None):
     """Locked-tower tuning: frozen MiniLM + EfficientNet-Lite0, trained projections."""
     d = cfg.dense
     encoder = _frozen_dense_class()(embed_dim=int(d.embed_dim))
@@ -150,6 +158,10 @@ def _frozen_dense(cfg: DictConfig, corpus: Corpus, directory: Path):
     )
     seconds = time.perf_counter() - start
     log.info("dense projections: loss %.3f -> %.3f", history[0], history[-1])
+    if tracked is not None and tracked.start("train") is not None:
+        for epoch, loss in enumerate(history):
+            tracked.run.log({"dense/epoch_loss": loss, "epoch": epoch})
+        tracked.update_summary({"dense/train_seconds": seconds, "dense/cache": str(directory)})
     encoder.save(directory)
     (directory / "done.json").write_text(json.dumps({"train_seconds": seconds, "loss": history}))
     return encoder, seconds
@@ -171,20 +183,6 @@ def _build_backbone(cfg: DictConfig, corpus: Corpus, dense, reserved_words=()):
             raise ConfigError("model.vision_init=dense needs the dense baseline; set dense.enabled=true")
         backbone.load_vision_tower(dense.vision_state())
     return backbone
-
-
-def _wandb_logger(cfg: DictConfig, run_dir: Path, name: str):
-    if not cfg.wandb.enabled:
-        return False
-    import os
-
-    from lightning.pytorch.loggers import WandbLogger
-
-    # The mode goes to wandb.init itself: Lightning's offline=True only sets $WANDB_MODE, which a wandb
-    # already set up in this process (e.g. by an earlier bench) no longer reads.
-    mode = os.environ.get("WANDB_MODE") or cfg.wandb.mode
-    mode = "offline" if mode == "dryrun" else mode
-    return WandbLogger(project=cfg.wandb.project, name=name, save_dir=str(run_dir), offline=mode == "offline", mode=mode)
 
 
 # -- fit ----------------------------------------------------------------------------------------
@@ -218,14 +216,20 @@ def _fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         or cfg.model.get("vision_init") == "dense"
         or (probe.needs_features and cfg.features.encoder == "dense")
     )
-    dense, dense_seconds = dense_baseline(cfg, corpus) if needs_dense else (None, 0.0)
     rows: list[ResultRow] = []
-    if cfg.dense.enabled:
-        log.info("dense baseline: evaluating")
-        rows += dense_rows(cfg, corpus, dense, dense_seconds)
+    # each part is a W&B run of its own (gcr.tracking), finished before the next starts
+    with tracking.dense_run(cfg, f"{cfg.run_name}/dense", run_dir / "dense") as tracked:
+        dense, dense_seconds = dense_baseline(cfg, corpus, tracked) if needs_dense else (None, 0.0)
+        if cfg.dense.enabled:
+            log.info("dense baseline: evaluating")
+            rows += dense_rows(cfg, corpus, dense, dense_seconds)
+            tracked.log_rows(rows)
     for direction in cfg.directions:
         task = _evaluation_task(cfg, corpus, direction)
-        rows += _fit_direction(cfg, corpus, task, dense, run_dir / direction, scheme_options)
+        with tracking.direction_run(cfg, direction, run_dir) as tracked:
+            direction_rows = _fit_direction(cfg, corpus, task, dense, run_dir / direction, scheme_options, tracked)
+            tracked.log_rows(direction_rows)
+        rows += direction_rows
     results = build_results(cfg, corpus, rows)
     save_results(results, run_dir)
     return results
@@ -331,7 +335,7 @@ def _rationale_setup(cfg: DictConfig, scheme, task, index, backbone):
                        weight=float(r.weight), scheme=scheme.name, max_tokens=int(r.max_tokens))
 
 
-def _fit_direction(cfg, corpus, task, dense, out_dir: Path, scheme_options) -> list[ResultRow]:
+def _fit_direction(cfg, corpus, task, dense, out_dir: Path, scheme_options, tracked=None) -> list[ResultRow]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     scheme = build_scheme(cfg.scheme.name, seed=cfg.seed, **scheme_options)
     backbone = _build_backbone(cfg, corpus, dense, scheme.reserved_words())
@@ -390,7 +394,7 @@ def _fit_direction(cfg, corpus, task, dense, out_dir: Path, scheme_options) -> l
     trainer = _trainer(
         cfg, max_epochs=int(cfg.trainer.max_epochs), run_dir=out_dir, callbacks=callbacks,
         name=f"{cfg.scheme.name}/{task.direction}",
-        loggers=_wandb_logger(cfg, out_dir, f"{cfg.run_name}-{task.direction}"),
+        loggers=tracked.lightning_logger() if tracked is not None else False,
     )
     log.info("training %s/%s: %s per epoch", cfg.scheme.name, task.direction, _plural(len(data.examples), "example"))
     start = time.perf_counter()
@@ -467,4 +471,6 @@ def evaluate(path: str | Path, overrides: DictConfig | None = None) -> dict[str,
         _trainer(cfg, max_epochs=1, run_dir=None, callbacks=callbacks, name=f"{cfg.scheme.name}/{direction}").test(
             module, datamodule=data, verbose=False)
         rows += _rows(cfg, direction, evaluation.results, None, index.stats(), evaluation.per_query)
-    return build_results(cfg, corpus, rows)
+    results = build_results(cfg, corpus, rows)
+    tracking.log_eval(cfg, run_dir, results)  # a W&B run of its own (job_type eval) in the run's group
+    return results
