@@ -56,7 +56,7 @@ warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_
 
 
 # -- shared pieces ------------------------------------------------------------------------------
-def _trainer(cfg: DictConfig, *, max_epochs: int, run_dir: Path | None, name: str, callbacks=(),
+def _trainer(cfg: DictConfig, *, max_epochs: int, run_dir: Path | None, name: str = "the model", callbacks=(),
              loggers=False) -> L.Trainer:
     t = cfg.trainer
     every = int(t.check_val_every_n_epoch)
