@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 ARGS   ?=
 
-.PHONY: install run test test-all lint clean
+.PHONY: install run test test-fast test-all lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q -m "not slow" --timeout=900
+
+# The unit tests only (no subprocess or full-fit tests): a minute or two, for the edit-test loop.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow and not integration" --timeout=900
 
 test-all: install
 	$(BIN)/python -m pytest -q --timeout=1800

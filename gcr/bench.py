@@ -173,7 +173,7 @@ def plan(spec: BenchSpec, base_overrides: list[str], cdir: Path) -> list[_Run]:
     """Compose and check every run's config (seed-major order); nothing is written."""
     from omegaconf import OmegaConf
 
-    from gcr.cli import compose
+    from gcr.config import compose
     from gcr.schemes import build_scheme
 
     runs = []

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # real subprocesses / full fits: deselect with -m 'not integration'
+
 _SCRIPT = Path(sys.executable).parent / "gcr"  # the installed console script, as a user runs it
 GCR = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "gcr.cli"]
 SMALL = [

@@ -12,6 +12,8 @@ import pytest
 
 from gcr.cli import compose, config_dir
 
+pytestmark = pytest.mark.integration  # real subprocesses / full fits: deselect with -m 'not integration'
+
 TINY = [
     "data.num_images=100",
     "trainer.max_epochs=2",

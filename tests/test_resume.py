@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # real subprocesses / full fits: deselect with -m 'not integration'
+
 ARGS = ["scheme=atomic", "data.num_images=48", "trainer.max_epochs=4", "trainer.batch_size=8", "dense.enabled=false",
         "model.hidden_size=32", "model.num_layers=1", "decoding.num_beams=3", "directions=[t2i]", "run_name=resume"]
 

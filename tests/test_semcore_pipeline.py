@@ -11,6 +11,8 @@ from gcr.cli import compose, config_dir
 from gcr.data.corpus import retrieval_task
 from gcr.data.sources import load_dataset
 
+pytestmark = pytest.mark.integration  # real subprocesses / full fits: deselect with -m 'not integration'
+
 TINY = [
     "data.num_images=60",
     "trainer.max_epochs=1",
