@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from gcr.testing import check_scheme
 from gcr_tiger import TigerScheme
+
+from gcr.testing import check_scheme
 
 
 def test_tiger_keeps_the_scheme_contract(tmp_path):
