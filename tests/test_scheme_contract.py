@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -147,3 +149,10 @@ def test_the_cli_step_is_skipped_for_an_unregistered_scheme(tmp_path):
 def test_every_built_in_scheme_fits_and_evaluates_through_the_cli(name, tmp_path):
     outcome = check_cli(SCHEMES.get(name), tmp_path, **SMALL[name])
     assert outcome.startswith("ok: gcr fit + gcr eval"), outcome
+
+
+def test_the_kit_imports_without_lightning_or_wandb():
+    code = ("import sys, gcr.testing; heavy = [m for m in ('lightning', 'pytorch_lightning', 'wandb') if m in sys.modules]; "
+            "print(heavy); sys.exit(bool(heavy))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
