@@ -234,4 +234,4 @@ def test_registered_and_buildable_from_its_config_file():
     options = {k: v for k, v in yaml.safe_load(CONFIG.read_text()).items() if k != "name"}
     scheme = build_scheme("cart", seed=5, **options)
     assert scheme.config() == {"seed": 5, **options}
-    assert CartScheme.needs_features
+    assert CartScheme.requires.features and CartScheme().needs_features

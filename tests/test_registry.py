@@ -156,7 +156,7 @@ def test_build_turns_bad_arguments_into_config_error():
 
 
 @pytest.mark.parametrize(
-    ("name", "valid"), [("atomic", ["prefix", "seed"]), ("hkmeans", ["k", "leaf_size", "seed"])]
+    ("name", "valid"), [("atomic", ["prefix", "seed"]), ("hkmeans", ["k", "leaf_size", "minibatch_above", "seed"])]
 )
 def test_build_scheme_unknown_option_lists_valid_options(name, valid):
     with pytest.raises(ConfigError) as info:
@@ -168,7 +168,7 @@ def test_build_scheme_unknown_option_lists_valid_options(name, valid):
 
 def test_build_scheme_with_valid_options_and_unknown_name():
     scheme = build_scheme("hkmeans", k=3, leaf_size=5, seed=7)
-    assert scheme.config() == {"seed": 7, "k": 3, "leaf_size": 5}
+    assert scheme.config() == {"seed": 7, "k": 3, "leaf_size": 5, "minibatch_above": 20000}
     with pytest.raises(RegistryError, match="Did you mean 'hkmeans'"):
         build_scheme("hkmean")
 

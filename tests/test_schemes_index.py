@@ -219,7 +219,7 @@ def test_hkmeans_feature_and_option_errors(blobs):
         HierarchicalKMeansScheme(k=1)
     with pytest.raises(ConfigError, match="leaf_size >= 1"):
         HierarchicalKMeansScheme(leaf_size=0)
-    assert HierarchicalKMeansScheme.needs_features and not AtomicScheme.needs_features
+    assert HierarchicalKMeansScheme.requires.features and not AtomicScheme.requires.features
 
 
 # --------------------------------------------------------------------------- IdentifierIndex
@@ -364,7 +364,7 @@ def test_save_load_round_trip_restores_index_and_scheme_state(tmp_path):
     loaded = IdentifierIndex.load(tmp_path, scheme="hkmeans", corpus_fingerprint="fp0", direction="t2i")
     assert loaded == index
     assert loaded.identifier_of("t17") == index.identifier_of("t17")
-    assert loaded.scheme_config == {"seed": 1, "k": 3, "leaf_size": 4}
+    assert loaded.scheme_config == {"seed": 1, "k": 3, "leaf_size": 4, "minibatch_above": 20000}
 
     restored = HierarchicalKMeansScheme(**loaded.scheme_config)
     restored.load_state_dict(loaded.scheme_state)

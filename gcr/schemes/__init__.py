@@ -1,8 +1,12 @@
 """Identifier schemes. Built-ins are registered lazily in :mod:`gcr.registry`."""
 
 from gcr.schemes.base import IdentifierScheme
+from gcr.schemes.options import SchemeOptions, SchemeRequirements, invalid, option
+from gcr.schemes.suffixes import PrefixCounter
 
-__all__ = ["IdentifierScheme", "build_scheme"]
+__all__ = [
+    "IdentifierScheme", "PrefixCounter", "SchemeOptions", "SchemeRequirements", "build_scheme", "invalid", "option",
+]
 
 
 def build_scheme(name: str, **options) -> IdentifierScheme:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from gcr.data.corpus import Target
 from gcr.schemes.base import IdentifierScheme
+from gcr.schemes.options import SchemeOptions
 
 
 class AtomicScheme(IdentifierScheme):
@@ -16,13 +18,16 @@ class AtomicScheme(IdentifierScheme):
 
     name = "atomic"
 
-    def __init__(self, seed: int = 0, prefix: str = "id", **options: Any):
-        self.prefix = prefix
+    @dataclass
+    class Options(SchemeOptions):
+        prefix: str = "id"  # tokens are <{prefix}_{n}>
+
+    def __init__(self, seed: int = 0, **options: Any):
         super().__init__(seed=seed, **options)
         self._count = 0
 
     def _token(self, n: int) -> str:
-        return f"<{self.prefix}_{n}>"
+        return f"<{self.options.prefix}_{n}>"
 
     def fit(self, targets: Sequence[Target], features: np.ndarray | None = None) -> list[str]:
         self._count = 0
@@ -34,9 +39,6 @@ class AtomicScheme(IdentifierScheme):
 
     def new_tokens(self) -> list[str]:
         return [self._token(n) for n in range(self._count)]
-
-    def config(self) -> dict[str, Any]:
-        return {"seed": self.seed, "prefix": self.prefix}
 
     def state_dict(self) -> dict[str, Any]:
         return {"count": self._count}

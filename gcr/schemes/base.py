@@ -12,47 +12,100 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import numpy as np
 
 from gcr.data.corpus import Target
 from gcr.errors import ConfigError
+from gcr.schemes.options import SchemeOptions, SchemeRequirements
+
+#: the old per-scheme flags, now fields of :class:`SchemeRequirements`
+_FLAGS = {
+    "needs_features": "features",
+    "uses_descriptions": "descriptions",
+    "spells_words": "words",
+    "writes_rationales": "rationales",
+    "shares_identifiers": "shares_identifiers",
+}
 
 
 class IdentifierScheme(ABC):
     """Base class of every identifier scheme (built-in or plugin).
 
-    Subclasses set ``name``, a one-line docstring (shown by ``gcr schemes``), and
-    ``needs_features`` when :meth:`fit` requires target feature vectors.
+    A subclass sets ``name``, a one-line docstring (shown by ``gcr schemes``), ``Options`` (a dataclass
+    subclass of :class:`~gcr.schemes.options.SchemeOptions`, one field per option) and ``requires`` (a
+    :class:`~gcr.schemes.options.SchemeRequirements`; override the :attr:`requirements` property when it
+    depends on the options). It is built as ``SchemeClass(seed=..., **options)``; options are read as
+    ``self.options.NAME`` (or ``self.NAME``). :func:`gcr.testing.check_scheme` checks the whole contract.
     """
 
     name: ClassVar[str] = ""
-    needs_features: ClassVar[bool] = False
-    #: True when several targets may share one identifier (resolved by a suffix or by verification).
-    shares_identifiers: ClassVar[bool] = False
-    #: True when identifiers are built from ``Target.text``: the pipeline then replaces it with a
-    #: leakage-free *description* (``description=heldout|generated``) before :meth:`fit`.
-    uses_descriptions: ClassVar[bool] = False
-    #: True when identifiers are words (not new tokens): the backbone's tokenizer must spell them.
-    spells_words: ClassVar[bool] = False
-    #: True when :meth:`rationales` returns one sentence per target (Rationale-Guided Supervision).
-    writes_rationales: ClassVar[bool] = False
+    Options: ClassVar[type[SchemeOptions]] = SchemeOptions
+    requires: ClassVar[SchemeRequirements] = SchemeRequirements()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # a subclass written before ``requires`` may still set the old flags as class attributes
+        legacy = {field: bool(cls.__dict__[flag]) for flag, field in _FLAGS.items()
+                  if flag in cls.__dict__ and not isinstance(cls.__dict__[flag], property)}
+        if legacy:
+            cls.requires = replace(cls.requires, **legacy)
 
     def __init__(self, seed: int = 0, **options: Any):
-        self.seed = seed  # set first: the error below lists config(), which reads it
-        if options:
+        self.seed = seed
+        unknown = sorted(set(options) - set(self.Options.names()))
+        if unknown:
             raise ConfigError(
-                f"unknown option(s) {sorted(options)} for scheme {self.name!r}; valid: {self._valid_options()}"
+                f"unknown option(s) {unknown} for scheme {self.name!r}; valid: {self._valid_options()}"
             )
+        self.options = self.Options(**options)
+
+    def __getattr__(self, name: str) -> Any:
+        # only called when normal lookup fails: ``scheme.k`` reads ``scheme.options.k``
+        if name != "options" and not name.startswith("__") and "options" in self.__dict__:
+            opts = self.__dict__["options"]
+            if name in type(opts).names():
+                return getattr(opts, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _valid_options(self) -> list[str]:
-        """Option names for error messages; a subclass may set its attributes after ``super().__init__``."""
-        try:
-            return sorted(self.config())
-        except AttributeError:
-            params = inspect.signature(type(self).__init__).parameters.values()
-            return sorted(p.name for p in params if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD)
+        """``seed`` and the ``Options`` fields (and the constructor's own keywords, for older subclasses)."""
+        params = inspect.signature(type(self).__init__).parameters.values()
+        own = {p.name for p in params if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD}
+        return sorted({"seed", *self.Options.names(), *own})
+
+    # -- requirements ---------------------------------------------------------------------------
+    @property
+    def requirements(self) -> SchemeRequirements:
+        """What this scheme needs from the run; the class's ``requires`` unless the options change it."""
+        return self.requires
+
+    @property
+    def needs_features(self) -> bool:
+        """Read-only alias of ``requirements.features``."""
+        return self.requirements.features
+
+    @property
+    def uses_descriptions(self) -> bool:
+        """Read-only alias of ``requirements.descriptions``."""
+        return self.requirements.descriptions
+
+    @property
+    def spells_words(self) -> bool:
+        """Read-only alias of ``requirements.words``."""
+        return self.requirements.words
+
+    @property
+    def writes_rationales(self) -> bool:
+        """Read-only alias of ``requirements.rationales``."""
+        return self.requirements.rationales
+
+    @property
+    def shares_identifiers(self) -> bool:
+        """Read-only alias of ``requirements.shares_identifiers``."""
+        return self.requirements.shares_identifiers
 
     @abstractmethod
     def fit(self, targets: Sequence[Target], features: np.ndarray | None = None) -> list[str]:
@@ -96,8 +149,8 @@ class IdentifierScheme(ABC):
         return {}
 
     def config(self) -> dict[str, Any]:
-        """The scheme's options, recorded with the index so artifacts can be validated."""
-        return {"seed": self.seed}
+        """The scheme's options (``seed`` and every ``Options`` field), recorded with the index."""
+        return {"seed": self.seed, **self.options.to_dict()}
 
     def state_dict(self) -> dict[str, Any]:
         """Fitted state needed by :meth:`assign` after reload: plain JSON values (arrays as ``.tolist()``);

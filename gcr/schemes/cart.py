@@ -24,23 +24,24 @@ is untouched, and the same seed gives the same identifiers on the same machine.
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.cluster import KMeans, MiniBatchKMeans
-from threadpoolctl import threadpool_limits
 from torch import nn
 from vector_quantize_pytorch import ResidualVQ
 
 from gcr.data.corpus import Target
 from gcr.errors import ConfigError
 from gcr.schemes.base import IdentifierScheme
+from gcr.schemes.clustering import kmeans, nearest_centroid
+from gcr.schemes.options import SchemeOptions, SchemeRequirements, option
+from gcr.schemes.suffixes import PrefixCounter
 
 log = logging.getLogger(__name__)
 Prefix = tuple[int, ...]
@@ -57,53 +58,38 @@ class CartScheme(IdentifierScheme):
     """CART coarse-to-fine ID: K-Means coarse token + RQ-VAE fine tokens + unique token."""
 
     name = "cart"
-    needs_features = True
+    requires = SchemeRequirements(features=True)
 
-    def __init__(
-        self,
-        seed: int = 0,
-        coarse_k: int = 16,
-        levels: int = 3,
-        codebook_size: int = 32,
-        latent_dim: int = 32,
-        hidden_dim: int = 128,
-        steps: int = 1500,
-        batch_size: int = 256,
-        lr: float = 1e-3,
-        commitment_weight: float = 0.25,
-        minibatch_above: int = 20000,
-        coarse: bool = True,
-        fine: bool = True,
-        device: str = "cpu",
-        **options,
-    ):
-        for flag, value in (("coarse", coarse), ("fine", fine)):
-            if not isinstance(value, (bool, np.bool_)):
-                raise ConfigError(f"cart option {flag} must be true or false, got {value!r}")
-        if not coarse and not fine:
-            raise ConfigError(
-                "cart with coarse=false and fine=false leaves only the unique counter; "
-                "keep one of them true (or use scheme=atomic for one token per target)"
-            )
-        self.coarse, self.fine = bool(coarse), bool(fine)
-        self.coarse_k = _int("coarse_k", coarse_k, 2, "clusters for the coarse token")
-        self.levels = _int("levels", levels, 1, "RQ-VAE levels (fine tokens per identifier)")
-        self.codebook_size = _int("codebook_size", codebook_size, 2, "codes per RQ-VAE level")
-        self.latent_dim = _int("latent_dim", latent_dim, 1, "RQ-VAE latent dimensions")
-        self.hidden_dim = _int("hidden_dim", hidden_dim, 1, "RQ-VAE hidden units")
-        self.steps = _int("steps", steps, 1, "RQ-VAE training steps")
-        self.batch_size = _int("batch_size", batch_size, 1, "RQ-VAE minibatch size")
-        self.minibatch_above = _int(
-            "minibatch_above", minibatch_above, 1, "targets above which MiniBatchKMeans is used"
-        )
-        self.lr = _float("lr", lr, positive=True)
-        self.commitment_weight = _float("commitment_weight", commitment_weight, positive=False)
-        self.device = _device(device)
+    @dataclass
+    class Options(SchemeOptions):
+        coarse_k: int = option(16, ge=2, doc="clusters for the coarse token")
+        levels: int = option(3, ge=1, doc="RQ-VAE levels (fine tokens per identifier)")
+        codebook_size: int = option(32, ge=2, doc="codes per RQ-VAE level")
+        latent_dim: int = option(32, ge=1, doc="RQ-VAE latent dimensions")
+        hidden_dim: int = option(128, ge=1, doc="RQ-VAE hidden units")
+        steps: int = option(1500, ge=1, doc="RQ-VAE training steps")
+        batch_size: int = option(256, ge=1, doc="RQ-VAE minibatch size")
+        lr: float = option(1e-3, gt=0, doc="Adam learning rate")
+        commitment_weight: float = option(0.25, ge=0, doc="RVQ commitment loss weight")
+        minibatch_above: int = option(20000, ge=1, doc="MiniBatchKMeans above this many targets")
+        coarse: bool = True
+        fine: bool = True
+        device: str = "cpu"
+
+        def check(self) -> None:
+            if not self.coarse and not self.fine:
+                raise ConfigError(
+                    "cart with coarse=false and fine=false leaves only the unique counter; "
+                    "keep one of them true (or use scheme=atomic for one token per target)"
+                )
+            self.device = _device(self.device)
+
+    def __init__(self, seed: int = 0, **options: Any):
         super().__init__(seed=seed, **options)
         self._centroids: np.ndarray | None = None  # (num_coarse, dim); the global mean when coarse=False
         self._scale = 1.0  # residuals are divided by this before the RQ-VAE
         self._model: RQVAE | None = None  # once fitted (fine=True)
-        self._counts: dict[Prefix, int] = {}  # next free unique number per prefix
+        self._counts = PrefixCounter()  # next free unique number per prefix
         self._stats: dict[str, float] = {}
 
     # -- fitting ------------------------------------------------------------------------------
@@ -111,7 +97,7 @@ class CartScheme(IdentifierScheme):
         x = self._check_features(targets, features)
         if not len(x):
             raise ConfigError("cart got no targets to fit; the corpus split is empty")
-        self._counts, self._model = {}, None
+        self._counts, self._model = PrefixCounter(), None
         if self.coarse:
             coarse, self._centroids = self._cluster(x)
         else:
@@ -133,12 +119,7 @@ class CartScheme(IdentifierScheme):
         return ids
 
     def _cluster(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        k = min(self.coarse_k, len(x))
-        algo = MiniBatchKMeans if len(x) > self.minibatch_above else KMeans
-        # small fits are dominated by thread start-up: one thread is much faster below a few thousand points
-        with threadpool_limits(1 if len(x) < 5000 else None):
-            km = algo(n_clusters=k, random_state=self.seed, n_init=3).fit(x)
-        return km.labels_.astype(np.int64), km.cluster_centers_.astype(np.float32)
+        return kmeans(x, self.coarse_k, self.seed, self.minibatch_above)
 
     def _train(self, r: np.ndarray) -> RQVAE:
         with (
@@ -203,16 +184,11 @@ class CartScheme(IdentifierScheme):
                 f"cart was fitted on {self._centroids.shape[1]}-d features but got {x.shape[1]}-d ones; "
                 "use the same features.encoder as when the index was built"
             )
-        coarse = self._nearest(x)
+        coarse = nearest_centroid(x, self._centroids)
         codes = np.zeros((len(x), 0), dtype=np.int64)
         if self.fine:
             codes, _ = self._encode((x - self._centroids[coarse]) / self._scale)
         return [self._identifier(p, self._next_unique(p)) for p in self._prefixes(coarse, codes)]
-
-    def _nearest(self, x: np.ndarray) -> np.ndarray:
-        c = self._centroids
-        d = (x**2).sum(1, keepdims=True) - 2 * x @ c.T + (c**2).sum(1)[None, :]
-        return d.argmin(1).astype(np.int64)
 
     # -- identifiers --------------------------------------------------------------------------
     def _prefixes(self, coarse: np.ndarray, codes: np.ndarray) -> list[Prefix]:
@@ -220,9 +196,7 @@ class CartScheme(IdentifierScheme):
         return [tuple(int(v) for v in row) for row in np.concatenate(cols, axis=1)]
 
     def _next_unique(self, prefix: Prefix) -> int:
-        n = self._counts.get(prefix, 0)
-        self._counts[prefix] = n + 1
-        return n
+        return self._counts.next(prefix)
 
     def _identifier(self, prefix: Prefix, unique: int) -> str:
         parts = list(prefix)
@@ -231,7 +205,7 @@ class CartScheme(IdentifierScheme):
 
     def max_unique(self) -> int:
         """The most targets that share one coarse + fine prefix (= the number of unique tokens)."""
-        return max(self._counts.values(), default=0)
+        return self._counts.most()
 
     def _num_coarse(self) -> int:
         if not self.coarse:
@@ -330,24 +304,6 @@ class CartScheme(IdentifierScheme):
         return {**self._stats, "max_unique": float(self.max_unique())}
 
     # -- config and state ---------------------------------------------------------------------
-    def config(self) -> dict[str, Any]:
-        return {
-            "seed": self.seed,
-            "coarse_k": self.coarse_k,
-            "levels": self.levels,
-            "codebook_size": self.codebook_size,
-            "latent_dim": self.latent_dim,
-            "hidden_dim": self.hidden_dim,
-            "steps": self.steps,
-            "batch_size": self.batch_size,
-            "lr": self.lr,
-            "commitment_weight": self.commitment_weight,
-            "minibatch_above": self.minibatch_above,
-            "coarse": self.coarse,
-            "fine": self.fine,
-            "device": self.device,
-        }
-
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable fitted state: centroids, residual scale, RQ-VAE weights, unique counters."""
         weights = None
@@ -366,7 +322,7 @@ class CartScheme(IdentifierScheme):
             "centroids": None if self._centroids is None else self._centroids.tolist(),
             "residual_scale": self._scale,
             "rqvae": weights,
-            "unique_counts": {".".join(map(str, p)): n for p, n in self._counts.items()},
+            "unique_counts": self._counts.int_state(),
             "stats": dict(self._stats),
         }
 
@@ -384,9 +340,7 @@ class CartScheme(IdentifierScheme):
             )
         self._centroids = np.asarray(state["centroids"], dtype=np.float32)
         self._scale = float(state["residual_scale"])
-        self._counts = {
-            tuple(int(v) for v in k.split(".")): int(n) for k, n in state.get("unique_counts", {}).items()
-        }
+        self._counts = PrefixCounter.from_int_state(state.get("unique_counts", {}))
         self._stats = {k: float(v) for k, v in state.get("stats", {}).items()}
         self._model = None
         if self.fine:
@@ -413,23 +367,6 @@ class CartScheme(IdentifierScheme):
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _int(name: str, value: Any, minimum: int, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"cart needs {name} >= {minimum} ({what}), got {name}={value!r}; set scheme.{name}")
-    return int(value)
-
-
-def _float(name: str, value: Any, positive: bool) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        out = float("nan")
-    if isinstance(value, bool) or not math.isfinite(out) or (out <= 0 if positive else out < 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ConfigError(f"cart needs a number {name} {bound}, got {name}={value!r}; set scheme.{name}")
-    return out
 
 
 def _device(device: Any) -> str:

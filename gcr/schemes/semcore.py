@@ -19,30 +19,27 @@ The scheme reads each target's ``text``: the pipeline replaces it with a leakage
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
-from sklearn.cluster import KMeans, MiniBatchKMeans
-from threadpoolctl import threadpool_limits
 
 from gcr.data.corpus import Target
 from gcr.errors import ConfigError
 from gcr.schemes.base import IdentifierScheme
+from gcr.schemes.clustering import kmeans, nearest_centroid
+from gcr.schemes.options import SchemeOptions, SchemeRequirements, invalid, option
+from gcr.schemes.suffixes import PrefixCounter
 from gcr.schemes.words import (
     Spellable,
     name_clusters,
-    nearest_centroid,
     require_descriptions,
     spelled_number,
     tokenizer_spelling,
     word_analyzer,
 )
 
-PARTS = ("both", "global", "lexical")
-COLLISIONS = ("suffix", "verify")
-GLOBAL_FEATURES = ("description", "target")
 SPARE_KEYWORDS = 4
 log = logging.getLogger("gcr")  # extra keywords kept per target for collision suffixes
 
@@ -51,46 +48,42 @@ class SemcoreScheme(IdentifierScheme):
     """SemCORE SID: K-Means cluster named in words + KeyBERT keywords; natural language, no new tokens."""
 
     name = "semcore"
-    uses_descriptions = True
-    spells_words = True
 
-    def __init__(
-        self,
-        seed: int = 0,
-        num_clusters: int = 20,
-        global_words: int = 2,
-        lexical_words: int = 3,
-        parts: str = "both",
-        global_features: str = "description",
-        keywords: str = "mmr",
-        diversity: float = 0.5,
-        collisions: str = "suffix",
-        separator: str = ";",
-        minibatch_above: int = 20000,
-        **options: Any,
-    ):
-        for option, value, allowed in (
-            ("parts", parts, PARTS), ("collisions", collisions, COLLISIONS), ("global_features", global_features, GLOBAL_FEATURES),
-        ):
-            if value not in allowed:
-                raise ConfigError(f"semcore.{option}={value!r} is not one of {', '.join(allowed)}")
-        if num_clusters < 1 or global_words < 1 or lexical_words < 0:
-            raise ConfigError("semcore needs num_clusters >= 1, global_words >= 1 and lexical_words >= 0")
-        if parts == "lexical" and lexical_words < 1:
-            raise ConfigError("semcore.parts=lexical needs lexical_words >= 1")
-        self.num_clusters, self.global_words, self.lexical_words = int(num_clusters), int(global_words), int(lexical_words)
-        self.parts, self.global_features, self.collisions = parts, global_features, collisions
-        self.keywords, self.diversity, self.separator = keywords, float(diversity), str(separator)
-        self.minibatch_above = int(minibatch_above)
+    @dataclass
+    class Options(SchemeOptions):
+        num_clusters: int = option(20, ge=1, doc="K-Means clusters of the global ID")
+        global_words: int = option(2, ge=1, doc="words naming each cluster")
+        lexical_words: int = option(3, ge=0, doc="KeyBERT keywords per target")
+        parts: Literal["both", "global", "lexical"] = "both"
+        global_features: Literal["description", "target"] = "description"
+        keywords: Literal["mmr", "maxsum", "cosine"] = "mmr"
+        diversity: float = option(0.5, ge=0, doc="KeyBERT diversity")
+        collisions: Literal["suffix", "verify"] = "suffix"
+        separator: str = ";"
+        minibatch_above: int = option(20000, ge=1, doc="MiniBatchKMeans above this many targets")
+
+        def check(self) -> None:
+            if self.parts == "lexical" and self.lexical_words < 1:
+                raise invalid("lexical_words", self.lexical_words, "lexical_words >= 1 with parts=lexical")
+
+    def __init__(self, seed: int = 0, **options: Any):
         super().__init__(seed=seed, **options)
-        # instance values of the class-level flags: they depend on the options
-        self.needs_features = global_features == "target" and parts != "lexical"
-        self.shares_identifiers = collisions == "verify"
         self.spellable: Spellable = lambda word: True
         self.text_encoder: Any = None  # a MiniLMTextEncoder, loaded on first use (tests may inject one)
         self._centroids: np.ndarray | None = None
         self._names: dict[int, tuple[str, ...]] = {}
-        self._taken: Counter = Counter()
+        self._taken = PrefixCounter()
+
+    @property
+    def requirements(self) -> SchemeRequirements:
+        """Words from descriptions; target features only with global_features=target; shared SIDs with
+        collisions=verify."""
+        o = self.options
+        return SchemeRequirements(
+            descriptions=True, words=True,
+            features=o.global_features == "target" and o.parts != "lexical",
+            shares_identifiers=o.collisions == "verify",
+        )
 
     # -- setup --------------------------------------------------------------------------------
     def bind_tokenizer(self, tokenizer: Any) -> None:
@@ -118,7 +111,7 @@ class SemcoreScheme(IdentifierScheme):
         else:
             labels, self._centroids = self._cluster(clustered)
             self._names = name_clusters(words, labels, self.global_words)
-        self._taken = Counter()
+        self._taken = PrefixCounter()
         return self._identifiers(descriptions, embeddings, labels)
 
     def assign(self, targets: Sequence[Target], features: np.ndarray | None = None) -> list[str]:
@@ -141,11 +134,7 @@ class SemcoreScheme(IdentifierScheme):
         return [[w for w in analyze(d) if self.spellable(w)] for d in descriptions]
 
     def _cluster(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        k = min(self.num_clusters, len(x))
-        algo = MiniBatchKMeans if len(x) > self.minibatch_above else KMeans
-        with threadpool_limits(1 if len(x) < 5000 else None):
-            km = algo(n_clusters=k, random_state=self.seed, n_init=3).fit(x)
-        return km.labels_.astype(np.int64), km.cluster_centers_.astype(np.float32)
+        return kmeans(x, self.num_clusters, self.seed, self.minibatch_above)
 
     def _identifiers(self, descriptions: list[str], embeddings: np.ndarray, labels: np.ndarray) -> list[str]:
         keywords = self._lexical(descriptions, embeddings, labels)
@@ -193,13 +182,14 @@ class SemcoreScheme(IdentifierScheme):
         if self.collisions == "verify":
             for i, sid in enumerate(sids):
                 sids[i] = sid or self._number_suffix("", 0)
-            self._taken.update(sids)
+            for sid in sids:
+                self._taken.take(sid)
             return sids
         out = []
         for (global_id, lexical), spare, sid in zip(pieces, spares, sids):
             if sid and not self._taken[sid]:
                 out.append(sid)
-                self._taken[sid] += 1
+                self._taken.take(sid)
                 continue
             words = list(lexical)
             for extra in spare:  # the target's own next keywords first: a suffix that still means something
@@ -209,14 +199,9 @@ class SemcoreScheme(IdentifierScheme):
                     sid = candidate
                     break
             else:
-                base = self._join(global_id, words)
-                n = max(1, self._taken[base])
-                while self._taken[candidate := self._number_suffix(base, n)]:
-                    n += 1
-                self._taken[base] += 1
-                sid = candidate
+                sid = self._taken.numbered(self._join(global_id, words), self._number_suffix)
             out.append(sid)
-            self._taken[sid] += 1
+            self._taken.take(sid)
         return out
 
     def _number_suffix(self, base: str, n: int) -> str:
@@ -224,26 +209,18 @@ class SemcoreScheme(IdentifierScheme):
         return f"{base} {spelled_number(n, self.spellable)}".strip()
 
     # -- state --------------------------------------------------------------------------------
-    def config(self) -> dict[str, Any]:
-        return {
-            "seed": self.seed, "num_clusters": self.num_clusters, "global_words": self.global_words,
-            "lexical_words": self.lexical_words, "parts": self.parts, "global_features": self.global_features,
-            "keywords": self.keywords, "diversity": self.diversity, "collisions": self.collisions,
-            "separator": self.separator,
-        }
-
     def state_dict(self) -> dict[str, Any]:
         return {
             "centroids": None if self._centroids is None else self._centroids.tolist(),
             "names": {str(c): list(n) for c, n in self._names.items()},
-            "taken": dict(self._taken),
+            "taken": dict(self._taken.counts),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         centroids = state.get("centroids")
         self._centroids = None if centroids is None else np.asarray(centroids, dtype=np.float32)
         self._names = {int(c): tuple(n) for c, n in state.get("names", {}).items()}
-        self._taken = Counter(state.get("taken", {}))
+        self._taken = PrefixCounter(state.get("taken", {}))
 
     def cluster_names(self) -> dict[int, tuple[str, ...]]:
         """The global ID (words) of every cluster, e.g. to print or plot."""

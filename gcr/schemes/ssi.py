@@ -27,7 +27,8 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
@@ -35,12 +36,13 @@ from gcr.data.corpus import Target
 from gcr.errors import ConfigError
 from gcr.schemes.base import IdentifierScheme
 from gcr.schemes.concepts import ROLES, LexiconConcepts, build_extractor, parse_fields
+from gcr.schemes.options import SchemeOptions, SchemeRequirements, invalid, option
+from gcr.schemes.suffixes import PrefixCounter
 from gcr.schemes.words import Spellable, require_descriptions, spelled_number, tokenizer_spelling
 
 log = logging.getLogger("gcr")
 #: Words of :func:`template_rationale` (a corpus-built tokenizer reserves them, like the field names).
 TEMPLATE_WORDS = ("it", "shows", "matches", "that", "is", "and", "on")
-GENERATORS = ("parser", "mllm")
 #: First prompt, then the stricter retry; ``{fields}`` is the field list, ``{description}`` the description.
 PROMPTS = (
     "{description} . list the {fields} of this image, then a rationale . answer :",
@@ -54,43 +56,35 @@ class SsiScheme(IdentifierScheme):
     """SSI: concept words in fixed fields (objects | action | attributes | scene); no new tokens."""
 
     name = "ssi"
-    uses_descriptions = True
-    spells_words = True
-    writes_rationales = True
+    requires = SchemeRequirements(descriptions=True, words=True, rationales=True)
 
-    def __init__(
-        self,
-        seed: int = 0,
-        fields: Sequence[str] = ROLES,
-        max_per_field: int = 3,
-        generator: str = "parser",
-        parser: str = "auto",
-        mllm_attempts: int = 2,
-        field_separator: str = "|",
-        **options: Any,
-    ):
-        fields = [str(f) for f in fields]
-        if not fields or len(set(fields)) != len(fields):
-            raise ConfigError(f"ssi.fields must name at least one field, each once; got {fields}")
-        if generator not in GENERATORS:
-            raise ConfigError(f"ssi.generator={generator!r} is not one of {', '.join(GENERATORS)}")
-        unknown = [f for f in fields if f not in ROLES]
-        if generator == "parser" and unknown:
-            raise ConfigError(
-                f"ssi.fields {unknown} are unknown to the parser generator (it fills {', '.join(ROLES)}); "
-                "use generator=mllm for free-form fields"
-            )
-        if max_per_field < 1 or mllm_attempts < 1:
-            raise ConfigError("ssi needs max_per_field >= 1 and mllm_attempts >= 1")
-        self.fields, self.max_per_field, self.generator, self.parser = fields, int(max_per_field), generator, parser
-        self.mllm_attempts, self.field_separator = int(mllm_attempts), str(field_separator)
+    @dataclass
+    class Options(SchemeOptions):
+        fields: list[str] = option(default_factory=lambda: list(ROLES), doc="field set and order")
+        max_per_field: int = option(3, ge=1, doc="most specific concepts kept per field")
+        generator: Literal["parser", "mllm"] = "parser"
+        parser: Literal["auto", "spacy", "lexicon"] = "auto"
+        mllm_attempts: int = option(2, ge=1, doc="MLLM tries per target before the parser")
+        field_separator: str = "|"
+
+        def check(self) -> None:
+            if not self.fields or len(set(self.fields)) != len(self.fields):
+                raise invalid("fields", self.fields, "a list naming at least one field, each once")
+            unknown = [f for f in self.fields if f not in ROLES]
+            if self.generator == "parser" and unknown:
+                raise ConfigError(
+                    f"scheme.fields {unknown} are unknown to the parser generator (it fills {', '.join(ROLES)}); "
+                    "use scheme.generator=mllm for free-form fields"
+                )
+
+    def __init__(self, seed: int = 0, **options: Any):
         super().__init__(seed=seed, **options)
         self.spellable: Spellable = lambda word: True
         self.answerer: Answerer | None = None
         self._extractor: Any = None
         self._df: Counter = Counter()
         self._num_fitted = 0
-        self._taken: Counter = Counter()
+        self._taken = PrefixCounter()
         self._rationales: list[str] = []
         self._stats: dict[str, Any] = {}
 
@@ -112,7 +106,7 @@ class SsiScheme(IdentifierScheme):
         concepts = [self._normalize(p) for p in parsed]
         self._df = Counter(c for fields in concepts for c in {w for words in fields.values() for w in words})
         self._num_fitted = len(targets)
-        self._taken = Counter()
+        self._taken = PrefixCounter()
         self._rationales = []
         return self._identifiers(concepts, parsed)
 
@@ -206,12 +200,8 @@ class SsiScheme(IdentifierScheme):
                 chosen[field_of[extra]] = [*chosen[field_of[extra]], extra]
                 sid = self._join(chosen)
             if not sid or self._taken[sid]:
-                base, n = sid, max(1, self._taken[sid])
-                while self._taken[candidate := self._number_suffix(base, n)]:
-                    n += 1
-                self._taken[base] += 1
-                sid, suffixed = candidate, suffixed + 1
-            self._taken[sid] += 1
+                sid, suffixed = self._taken.numbered(sid, self._number_suffix), suffixed + 1
+            self._taken.take(sid)
             out.append(sid)
             rationale = raw.get("rationale", [""])[0] if raw.get("rationale") else ""
             self._rationales.append(_clean_sentence(rationale or template_rationale(chosen), self.spellable))
@@ -233,21 +223,14 @@ class SsiScheme(IdentifierScheme):
     def stats(self) -> dict[str, Any]:
         return dict(self._stats)
 
-    def config(self) -> dict[str, Any]:
-        return {
-            "seed": self.seed, "fields": list(self.fields), "max_per_field": self.max_per_field,
-            "generator": self.generator, "parser": self.parser, "mllm_attempts": self.mllm_attempts,
-            "field_separator": self.field_separator,
-        }
-
     def state_dict(self) -> dict[str, Any]:
         roles = self._extractor.roles if isinstance(self._extractor, LexiconConcepts) else None
-        return {"df": dict(self._df), "num_fitted": self._num_fitted, "taken": dict(self._taken), "lexicon": roles}
+        return {"df": dict(self._df), "num_fitted": self._num_fitted, "taken": dict(self._taken.counts), "lexicon": roles}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._df = Counter(state.get("df", {}))
         self._num_fitted = int(state.get("num_fitted", 0))
-        self._taken = Counter(state.get("taken", {}))
+        self._taken = PrefixCounter(state.get("taken", {}))
         if state.get("lexicon") is not None:
             self._extractor = LexiconConcepts()
             self._extractor.roles = dict(state["lexicon"])

@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from functools import cache
 from typing import Any
 
-import numpy as np
 from sklearn.feature_extraction.text import CountVectorizer
 
 from gcr.errors import ConfigError
@@ -105,9 +104,3 @@ def name_clusters(
         names[cluster] = name
         taken.add(name)
     return names
-
-
-def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Index of the nearest centroid (squared Euclidean) for each row of ``x``."""
-    d = (x * x).sum(1, keepdims=True) - 2 * x @ centroids.T + (centroids * centroids).sum(1)
-    return d.argmin(1)
