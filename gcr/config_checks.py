@@ -11,7 +11,7 @@ the fix. Three layers:
   ``ValueError``/``TypeError`` of its constructor, plugins included) becomes a :class:`ConfigError`
   naming the scheme;
 * **combinations**: parts declare what they read and can do (a backbone's ``reads``, ``writes_text``,
-  ``spells_words``; a scheme's ``needs_features``, ``spells_words``, ``writes_rationales``; a dataset
+  ``spells_words``; a scheme's ``requirements`` (features, words, rationales); a dataset
   loader's ``item_modality``), and each incompatible pair is refused with its fix. No check tests a
   part's name.
 
@@ -190,8 +190,9 @@ def check_combinations(cfg: DictConfig, scheme: Any) -> None:
                           f"reads them ({readers or 'none is registered'})")
     dense_type = cfg.dense.get("type", "clip")
     vision_init = cfg.model.get("vision_init", "none")
+    needs = scheme.requirements
     needs_dense = (bool(cfg.dense.enabled) or vision_init == "dense"
-                   or (scheme.needs_features and cfg.features.encoder == "dense"))
+                   or (needs.features and cfg.features.encoder == "dense"))
     if needs_dense and items != "image" and dense_type == "clip":
         raise ConfigError(f"the CLIP-style dense baseline (dense=clip_tiny) reads image pixels, but data={cfg.data.name} "
                           f"holds {items} items; fix: dense=pretrained (frozen MiniLM + the stored vectors), "
@@ -204,14 +205,14 @@ def check_combinations(cfg: DictConfig, scheme: Any) -> None:
             raise ConfigError(f"model.vision_init=dense starts the {model} vision tower from the dense baseline's CLIP "
                               f"tower, but dense={_dense_choice(cfg)} has no such tower (frozen pretrained towers); "
                               "fix: model.vision_init=random, or dense=clip_tiny")
-    if getattr(scheme, "spells_words", False) and not getattr(backbone, "spells_words", True):
+    if needs.words and not getattr(backbone, "spells_words", True):
         raise ConfigError(f"scheme={scheme.name} writes identifiers in words, but {model} decodes new code tokens only; "
                           f"use a backbone whose tokenizer spells words ({_choices(BACKBONES, 'spells_words', ', ')})")
     if cfg.get("gsv") is not None and cfg.gsv.enabled and not writes_text:
         raise ConfigError(f"gsv.enabled=true verifies candidates by generating text, which {model} cannot do; "
                           f"use {_choices(BACKBONES, 'writes_text', ' or ')}, or gsv.enabled=false")
     if cfg.get("rgs") is not None and cfg.rgs.enabled:
-        if not getattr(scheme, "writes_rationales", False):
+        if not needs.rationales:
             raise ConfigError(f"rgs.enabled=true trains on the scheme's rationales, and scheme={scheme.name} writes none; "
                               "use scheme=ssi, or rgs.enabled=false")
         if not writes_text:
