@@ -269,12 +269,12 @@ def _dense_rows(cfg: Any, corpus: Any, seed: int, bench_dir: Path) -> list[dict[
     from dataclasses import asdict
 
     from gcr import tracking
-    from gcr.train import pipeline
+    from gcr.dense import setup as dense_setup
 
     name = f"{bench_dir.name}/dense-s{seed}"
     with tracking.dense_run(cfg, name, bench_dir / f"dense-s{seed}") as tracked:
-        dense, seconds = pipeline.dense_baseline(cfg, corpus, tracked)
-        rows = pipeline.dense_rows(cfg, corpus, dense, seconds)
+        dense, seconds = dense_setup.dense_baseline(cfg, corpus, tracked)
+        rows = dense_setup.dense_rows(cfg, corpus, dense, seconds)
         tracked.log_rows(rows)
     return [asdict(row) for row in rows]
 

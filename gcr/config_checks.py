@@ -91,6 +91,11 @@ def check_values(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
             bound = f">= {low}" if inclusive else f"> {low}"
             allowed = f"{bound} and <= {high}" if high is not None else bound
             raise ConfigError(f"{key}={value} is out of range: it must be {allowed}")
+    source = OmegaConf.select(cfg, "description.source")
+    if source is not None:
+        from gcr.descriptions import check_source
+
+        check_source(source)
     directions = OmegaConf.select(cfg, "directions")
     if directions is not None:
         bad = [d for d in directions if d not in DIRECTIONS] if isinstance(directions, ListConfig) else [directions]
@@ -218,7 +223,7 @@ def check_combinations(cfg: DictConfig, scheme: Any) -> None:
         if not writes_text:
             raise ConfigError(f"rgs.enabled=true needs a backbone that writes text; {model} cannot; "
                               f"use {_choices(BACKBONES, 'writes_text', ' or ')}")
-    if getattr(scheme, "generator", None) == "mllm" and not writes_text:
+    if needs.text_generator and not writes_text:
         raise ConfigError(f"scheme.generator=mllm asks the run's backbone to write the identifiers, which {model} "
                           "cannot; use scheme.generator=parser, or a backbone that writes text "
                           f"({_choices(BACKBONES, 'writes_text', ', ')})")

@@ -20,8 +20,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
-from gcr.data.corpus import Corpus, RetrievalTask
+from gcr.data.corpus import Corpus, RetrievalTask, retrieval_task
 from gcr.errors import ConfigError, DataError
 
 SOURCES = ("generated", "heldout", "ground_truth")
@@ -30,7 +31,7 @@ log = logging.getLogger("gcr")
 
 def check_source(source: str) -> str:
     if source not in SOURCES:
-        raise ConfigError(f"unknown description source {source!r}; choose one of {', '.join(SOURCES)}")
+        raise ConfigError(f"unknown description.source={source!r}; choose one of {', '.join(SOURCES)} (description=NAME)")
     return source
 
 
@@ -62,6 +63,19 @@ def evaluation_task(task: RetrievalTask, corpus: Corpus, source: str, *, heldout
         return RetrievalTask(task.direction, task.targets, queries)
     # image-to-text: a held-out caption stays a target (it is what the image should retrieve)
     return task
+
+
+def scored_task(cfg: Any, corpus: Corpus, direction: str) -> RetrievalTask:
+    """The ``direction`` task as every method of a run (``cfg``) is scored on it.
+
+    ``description=heldout`` drops the held-out captions from the val/test queries; a config without a
+    ``description`` group (runs made before gcr had descriptions) scores every query.
+    """
+    d = cfg.get("description")
+    task = retrieval_task(corpus, direction)
+    if d is None:
+        return task
+    return evaluation_task(task, corpus, d.source, heldout_caption=int(d.heldout_caption))
 
 
 def describe_targets(

@@ -14,9 +14,9 @@ from omegaconf import OmegaConf
 from gcr.artifacts import find_run_dir
 from gcr.data.corpus import Content
 from gcr.errors import ConfigError, DataError
+from gcr.heads.rationales import explain
 from gcr.index import IdentifierIndex
 from gcr.models.loading import load_backbone
-from gcr.rationales import explain
 from gcr.retrieval import ConstrainedRetriever
 
 

@@ -411,10 +411,10 @@ def test_precomputed_feature_cache_invalidates_when_a_file_changes(files_corpus:
 
 def test_locked_tower_dense_baseline_retrieves_audio_above_chance(tmp_path: Path) -> None:
     """T2A-like data: each audio vector is a noisy linear map of its captions' mean MiniLM embedding."""
+    from gcr.dense.frozen import FrozenTowerDualEncoder
+    from gcr.dense.training import evaluate_dense, pair_loader, train_frozen_dense
     from gcr.encoders.minilm import MiniLMTextEncoder
     from gcr.encoders.pretrained import PretrainedFeatureEncoder
-    from gcr.models.frozen_dense import FrozenTowerDualEncoder
-    from gcr.train.dense import evaluate_dense, pair_loader, train_frozen_dense
 
     minilm = MiniLMTextEncoder()
     json_path = write_feature_items_fixture(

@@ -16,11 +16,11 @@ from gcr.cli import compose, config_dir, main
 from gcr.data.corpus import Content, Target, retrieval_task
 from gcr.data.sources import load_shapes
 from gcr.errors import ConfigError, IdentifierError
+from gcr.heads.rationales import rgs_loss, separator_token_id, supervision
 from gcr.index import IdentifierIndex
 from gcr.models.base import IGNORE_INDEX
 from gcr.models.tiny import TinyBackbone
 from gcr.models.tokenizer import train_corpus_tokenizer
-from gcr.rationales import rgs_loss, separator_token_id, supervision
 from gcr.retrieval import ConstrainedRetriever
 from gcr.schemes import build_scheme
 from gcr.train.datamodule import GenerativeDataModule

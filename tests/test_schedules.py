@@ -86,25 +86,27 @@ class _LRs(L.Callback):
 def test_the_dense_baseline_trains_on_the_budget_that_crashed_it(tmp_path):
     """``trainer.limit_train_batches=5 dense.max_epochs=2``: 10 steps, a ZeroDivisionError in OneCycleLR before."""
     from gcr.data.sources import load_dataset
-    from gcr.models.dense import DualEncoder
-    from gcr.train import pipeline
-    from gcr.train.dense import DenseModule, pair_loader
+    from gcr.dense import setup as dense_setup
+    from gcr.dense.models import DualEncoder
+    from gcr.dense.training import DenseModule, pair_loader
+    from gcr.models.tokenizer import corpus_tokenizer
+    from gcr.train.trainer import build_trainer
 
     cfg = compose([f"output_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}", "data.num_images=40",
                    "trainer.limit_train_batches=5", "dense.max_epochs=2", "dense.batch_size=8",
                    "dense.vision_layers=1", "dense.text_layers=1"], config_dir())
     corpus = load_dataset(cfg.data)
     # the pipeline's own path (train, save to the cache) ...
-    encoder, seconds = pipeline.dense_baseline(cfg, corpus)
-    assert seconds > 0 and (pipeline._dense_dir(cfg, corpus) / "done.json").is_file()
+    encoder, seconds = dense_setup.dense_baseline(cfg, corpus)
+    assert seconds > 0 and (dense_setup.dense_dir(cfg, corpus) / "done.json").is_file()
     # ... and the LR it stepped through, read from a real trainer on the same budget
     d = cfg.dense
-    module = DenseModule(DualEncoder(pipeline.corpus_tokenizer(corpus, d.vocab_size), image_size=d.image_size,
+    module = DenseModule(DualEncoder(corpus_tokenizer(corpus, d.vocab_size), image_size=d.image_size,
                                      patch_size=d.patch_size, vision_hidden_size=d.vision_hidden_size, vision_layers=1,
                                      text_hidden_size=d.text_hidden_size, text_layers=1, embed_dim=d.embed_dim,
                                      max_text_tokens=d.max_text_tokens), lr=d.lr)
     lrs = _LRs()
-    trainer = pipeline._trainer(cfg, max_epochs=2, run_dir=tmp_path / "dense", callbacks=[lrs])
+    trainer = build_trainer(cfg, max_epochs=2, run_dir=tmp_path / "dense", callbacks=[lrs])
     trainer.fit(module, pair_loader(corpus, 8, 0))
     assert trainer.global_step == 10 and len(lrs.seen) == 10
     assert lrs.seen == pytest.approx([d.lr * lr_factor(i, 10, 1) for i in range(10)])

@@ -225,8 +225,8 @@ def test_mllm_generator_retries_then_falls_back_and_counts_each_outcome():
 
 
 def test_mllm_generator_with_a_real_untrained_backbone_falls_back_to_the_parser(tmp_path):
+    from gcr.heads.rationales import mllm_answerer
     from gcr.models.tiny import TinyBackbone
-    from gcr.rationales import mllm_answerer
 
     corpus = load_shapes(str(tmp_path / "shapes"), num_images=20)
     texts = [c.text for c in corpus.captions("train")]

@@ -15,9 +15,9 @@ import torch
 from gcr.data.corpus import Content, Query, RetrievalTask, Target, retrieval_task
 from gcr.data.sources import load_shapes
 from gcr.errors import ConfigError
+from gcr.heads.verification import GenerativeVerifier, hard_negative_pairs
 from gcr.models.base import IGNORE_INDEX
 from gcr.models.tiny import TinyBackbone
-from gcr.verification import GenerativeVerifier, hard_negative_pairs
 
 TINY = dict(
     vocab_size=200, hidden_size=64, num_layers=1, num_heads=2, vision_hidden_size=32, vision_layers=1,

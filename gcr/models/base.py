@@ -58,6 +58,11 @@ class GenerativeBackbone(nn.Module):
     spells_words = True
     #: True when ``model.vision_init=dense`` can start its vision tower from the dense baseline's CLIP tower.
     starts_vision_from_dense = False
+    #: True when ``create(corpus, reserved_words=...)`` builds the tokenizer from the corpus (it must then
+    #: hold the words a scheme reserves); pretrained tokenizers spell any word and are not given them.
+    builds_vocabulary = False
+    #: True when ``create(corpus, dense=...)`` needs the trained dense baseline (e.g. its towers as encoder).
+    needs_dense = False
 
     def __init__(
         self,

@@ -9,6 +9,7 @@ fast enough to train on two CPU cores.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,9 @@ class TinyBackbone(GenerativeBackbone):
 
     name = "tiny"
     starts_vision_from_dense = True
+    #: Its tokenizer is built from the train captions: ``create(corpus, reserved_words=...)`` adds the words
+    #: an identifier scheme needs (field names, cluster words) that the captions may lack.
+    builds_vocabulary = True
 
     def __init__(self, model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, **options: Any):
         image_size = model.config.vision_config.image_size
@@ -62,6 +66,7 @@ class TinyBackbone(GenerativeBackbone):
         corpus: Corpus,
         *,
         tokenizer: PreTrainedTokenizerFast | None = None,
+        reserved_words: Sequence[str] = (),
         vocab_size: int = 1000,
         hidden_size: int = 128,
         num_layers: int = 2,
@@ -79,7 +84,8 @@ class TinyBackbone(GenerativeBackbone):
 
             raise ConfigError(f"unknown option(s) {sorted(unknown)} for model 'tiny'")
         if tokenizer is None:
-            tokenizer = train_corpus_tokenizer((c.text for c in corpus.captions("train")), vocab_size)
+            tokenizer = train_corpus_tokenizer((c.text for c in corpus.captions("train")), vocab_size,
+                                               reserved_words=reserved_words)
         text = LlamaConfig(
             vocab_size=len(tokenizer),
             hidden_size=hidden_size,

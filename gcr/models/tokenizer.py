@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -56,3 +57,9 @@ def train_corpus_tokenizer(
         extra_special_tokens={"image_token": SPECIAL_TOKENS["image"]},
         padding_side="left",
     )
+
+
+def corpus_tokenizer(corpus: Any, vocab_size: int, reserved_words: Iterable[str] = ()) -> Any:
+    """The word-level tokenizer of a corpus's train captions (deterministic, so rebuilding it is cheap)."""
+    return train_corpus_tokenizer((c.text for c in corpus.captions("train")), vocab_size,
+                                  reserved_words=reserved_words)

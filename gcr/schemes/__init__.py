@@ -1,11 +1,11 @@
 """Identifier schemes. Built-ins are registered lazily in :mod:`gcr.registry`."""
 
-from gcr.schemes.base import IdentifierScheme
+from gcr.schemes.base import IdentifierScheme, SchemeContext
 from gcr.schemes.options import SchemeOptions, SchemeRequirements, invalid, option
 from gcr.schemes.suffixes import PrefixCounter
 
 __all__ = [
-    "IdentifierScheme", "PrefixCounter", "SchemeOptions", "SchemeRequirements", "build_scheme", "invalid", "option",
+    "IdentifierScheme", "PrefixCounter", "SchemeContext", "SchemeOptions", "SchemeRequirements", "build_scheme", "invalid", "option",
 ]
 
 

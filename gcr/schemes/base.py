@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -29,6 +29,21 @@ _FLAGS = {
     "writes_rationales": "rationales",
     "shares_identifiers": "shares_identifiers",
 }
+
+
+@dataclass
+class SchemeContext:
+    """What the run hands a scheme before :meth:`IdentifierScheme.fit` (built once, in this order).
+
+    - ``tokenizer``: the backbone's tokenizer (the backbone owns it; identifiers must tokenize under it);
+    - ``features``: the targets' feature vectors (``requirements.features``), float32 ``(N, D)``, else ``None``;
+    - ``generator``: ``(targets, prompts) -> answers``, a model that writes text
+      (``requirements.text_generator``), else ``None``.
+    """
+
+    tokenizer: Any
+    features: np.ndarray | None = None
+    generator: Callable[[Sequence[Target], Sequence[str]], list[str]] | None = None
 
 
 class IdentifierScheme(ABC):
@@ -114,6 +129,14 @@ class IdentifierScheme(ABC):
     def assign(self, targets: Sequence[Target], features: np.ndarray | None = None) -> list[str]:
         """Identifiers for *new* targets after :meth:`fit` (incremental indexing)."""
         raise NotImplementedError(f"scheme {self.name!r} does not support incremental indexing")
+
+    def prepare(self, context: SchemeContext) -> None:
+        """Called once before :meth:`fit` with what the run built for the scheme (see :class:`SchemeContext`).
+
+        The default binds the tokenizer (:meth:`bind_tokenizer`); a scheme that asks for a generator
+        (``requirements.text_generator``) takes ``context.generator`` here.
+        """
+        self.bind_tokenizer(context.tokenizer)
 
     def bind_tokenizer(self, tokenizer: Any) -> None:
         """Called before :meth:`fit` with the model's tokenizer.

@@ -33,6 +33,7 @@ class SchemeRequirements:
     - ``words``: identifiers are words the backbone's tokenizer must spell (no new tokens).
     - ``rationales``: :meth:`rationales` returns one sentence per target (Rationale-Guided Supervision).
     - ``shares_identifiers``: several targets may share one identifier (resolved later, e.g. by verification).
+    - ``text_generator``: identifiers are written by a text-generating model (``SchemeContext.generator``).
     """
 
     features: bool = False
@@ -40,6 +41,8 @@ class SchemeRequirements:
     words: bool = False
     rationales: bool = False
     shares_identifiers: bool = False
+    #: :meth:`fit` asks a model that writes text (``SchemeContext.generator``) to write the identifiers.
+    text_generator: bool = False
 
 
 def option(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,

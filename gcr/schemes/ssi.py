@@ -27,14 +27,14 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 
 from gcr.data.corpus import Target
 from gcr.errors import ConfigError
-from gcr.schemes.base import IdentifierScheme
+from gcr.schemes.base import IdentifierScheme, SchemeContext
 from gcr.schemes.concepts import ROLES, LexiconConcepts, build_extractor, parse_fields
 from gcr.schemes.options import SchemeOptions, SchemeRequirements, invalid, option
 from gcr.schemes.suffixes import PrefixCounter
@@ -57,6 +57,16 @@ class SsiScheme(IdentifierScheme):
 
     name = "ssi"
     requires = SchemeRequirements(descriptions=True, words=True, rationales=True)
+
+    @property
+    def requirements(self) -> SchemeRequirements:
+        """``generator=mllm`` asks the run for a model that writes the fields."""
+        return replace(self.requires, text_generator=self.options.generator == "mllm")
+
+    def prepare(self, context: SchemeContext) -> None:
+        super().prepare(context)
+        if self.options.generator == "mllm":
+            self.answerer = context.generator
 
     @dataclass
     class Options(SchemeOptions):

@@ -23,8 +23,8 @@ import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler
 
 from gcr.data.corpus import Content, Query, RetrievalTask
+from gcr.heads.rationales import rationale_mask
 from gcr.index import IdentifierIndex
-from gcr.rationales import rationale_mask
 from gcr.train.reproducible import EpochShuffleSampler
 
 

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 
 from gcr.data.corpus import Query
-from gcr.rationales import rgs_loss
+from gcr.heads.rationales import rgs_loss
 from gcr.retrieval import Retrieved
 from gcr.train.schedules import lightning_optimizers
 
@@ -37,7 +37,7 @@ class GenerativeRetrievalModule(L.LightningModule):
     ):
         super().__init__()
         self.backbone = backbone
-        # GSV (gcr.verification.GenerativeVerifier): trained on the batches' "gsv_pos"/"gsv_neg" pairs, and
+        # GSV (gcr.heads.verification.GenerativeVerifier): trained on the batches' "gsv_pos"/"gsv_neg" pairs, and
         # re-ranks each evaluation query's candidates; it shares the backbone's weights (no parameters of its own).
         self.verifier = verifier
         self.gsv_loss_weight = float(gsv_loss_weight)

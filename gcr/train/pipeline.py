@@ -1,24 +1,31 @@
 """``gcr fit`` and ``gcr eval``: the whole job, from a composed config to a results table.
 
+A run is a sequence of stages with one direction of data flow; no stage tests a scheme's or a backbone's
+name, each part declares what it needs (``scheme.requirements``) and what it can do (a backbone's
+``writes_text``, ``builds_vocabulary``, ``needs_dense``)::
+
+    data -> dense baseline (cached; if shown, or a part needs it)
+    per direction:
+      describe targets (if the scheme builds identifiers from text)  -> cached captions
+      build the backbone once (it owns its tokenizer)
+      target features (if the scheme needs them)                      -> cached
+      scheme.prepare(SchemeContext) -> scheme.fit -> index -> trie
+      train (resumes from last.ckpt) -> evaluate -> rows
+    results.json + results.md
+
 Run folder layout (``<output_dir>/<run_name>/``)::
 
-    config.yaml            the resolved config
+    config.yaml            the resolved config (written once checked; never over another config's run)
     <direction>/index.json the identifier index (t2i, i2t)
     <direction>/backbone/  the trained backbone (HF format: config, weights, tokenizer)
     <direction>/checkpoints/last.ckpt   Lightning checkpoint (resume)
     results.json           versioned results; results.md the table
-
-The dense baseline is trained once per (corpus, dense config) and cached in
-``cache_dir``, so a sweep over schemes shares it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,162 +34,55 @@ from omegaconf import DictConfig, OmegaConf
 
 from gcr import tracking
 from gcr.artifacts import find_run_dir, load_tensors, write_json
-from gcr.data.corpus import Corpus, retrieval_task
+from gcr.config_checks import build_checked_scheme
+from gcr.data.corpus import Corpus, RetrievalTask
 from gcr.data.sources import load_dataset
-from gcr.descriptions import check_source, describe_targets, evaluation_task
-from gcr.errors import ArtifactError, ConfigError
+from gcr.dense.setup import dense_baseline, dense_rows, plural
+from gcr.descriptions import describe_targets, scored_task
+from gcr.errors import ArtifactError
 from gcr.features import cached_target_features
 from gcr.index import IdentifierIndex
-from gcr.models.dense import DualEncoder
 from gcr.models.loading import load_backbone
-from gcr.models.tokenizer import train_corpus_tokenizer
 from gcr.registry import BACKBONES
 from gcr.results import ResultRow, build_results, save_results
 from gcr.run_folder import RunFolder, choose_run_dir
-from gcr.schemes import build_scheme
+from gcr.schemes import SchemeContext
 from gcr.train.callbacks import ConstrainedDecoding, RetrievalEvaluation
 from gcr.train.datamodule import GenerativeDataModule
-from gcr.train.dense import DenseModule, pair_loader, score_dense, train_frozen_dense
 from gcr.train.module import GenerativeRetrievalModule, check_checkpoint_identity, check_checkpoint_keys
-from gcr.train.progress_bar import StageProgress
 from gcr.train.quiet import silence_third_party
-from gcr.train.reproducible import AtomicCheckpointIO, EpochEndCheckpoint, EpochSeed
+from gcr.train.reproducible import EpochEndCheckpoint, EpochSeed
+from gcr.train.trainer import build_trainer
 
 log = logging.getLogger("gcr")
-# Noise that says nothing about a gcr run: a Lightning-internal deprecation, and a note that our
-# module's batch transfer (evaluation batches are query lists) is used, which is the intent.
-warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
-warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device`.*")
 
 
-# -- shared pieces ------------------------------------------------------------------------------
-def _trainer(cfg: DictConfig, *, max_epochs: int, run_dir: Path | None, name: str = "the model", callbacks=(),
-             loggers=False) -> L.Trainer:
-    t = cfg.trainer
-    every = int(t.check_val_every_n_epoch)
-    # A batch of text queries leaves the vision tower unused (and vice versa), which plain DDP rejects.
-    strategy = "ddp_find_unused_parameters_true" if t.strategy == "ddp" else t.strategy
-    return L.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        strategy=strategy,
-        precision=t.precision,
-        max_epochs=max_epochs,
-        callbacks=[*callbacks, StageProgress(name)],
-        enable_progress_bar=False,  # StageProgress: a bar at a terminal, periodic lines in a log
-        logger=loggers,
-        default_root_dir=str(run_dir) if run_dir else None,
-        enable_checkpointing=False,  # gcr's own EpochEndCheckpoint writes last.ckpt (see gcr.train.reproducible)
-        check_val_every_n_epoch=every if every > 0 else None,
-        limit_train_batches=t.get("limit_train_batches", 1.0),
-        limit_val_batches=1.0 if every > 0 else 0,
-        num_sanity_val_steps=0,
-        log_every_n_steps=int(t.log_every_n_steps),
-        deterministic=False,
-        enable_model_summary=False,
-        plugins=[AtomicCheckpointIO()],
-    )
-
-
-def _dense_dir(cfg: DictConfig, corpus: Corpus) -> Path:
-    dense_cfg = OmegaConf.to_container(cfg.dense, resolve=True)
-    dense_cfg.pop("enabled", None)  # whether the row is shown does not change the model
-    key = hashlib.sha256(json.dumps([dense_cfg, cfg.seed], sort_keys=True).encode())
-    return Path(cfg.cache_dir) / f"dense-{corpus.fingerprint()}-{key.hexdigest()[:10]}"
-
-
-def corpus_tokenizer(corpus: Corpus, vocab_size: int, reserved_words=()):
-    """The word-level tokenizer of the train captions (deterministic, so retraining is cheap)."""
-    return train_corpus_tokenizer((c.text for c in corpus.captions("train")), vocab_size, reserved_words=reserved_words)
-
-
-def dense_baseline(cfg: DictConfig, corpus: Corpus, tracked=None):
-    """Train (or load from the cache) the dense baseline (``dense.type``); returns it and its train seconds.
-
-    ``tracked``: the dense baseline's :class:`gcr.tracking.TrackedRun`; its W&B run is started only if it trains.
-    """
-    directory = _dense_dir(cfg, corpus)
-    kind = cfg.dense.get("type", "clip")
-    if kind not in ("clip", "pretrained"):
-        raise ConfigError(f"unknown dense.type {kind!r}; choose clip (dense=clip_tiny) or pretrained (dense=pretrained)")
-    if (directory / "done.json").exists():
-        meta = json.loads((directory / "done.json").read_text())
-        loader = DualEncoder if kind == "clip" else _frozen_dense_class()
-        return loader.from_pretrained(directory), float(meta["train_seconds"])
-    d = cfg.dense
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if kind == "pretrained":
-        return _frozen_dense(cfg, corpus, directory, tracked)
-    encoder = DualEncoder(
-        corpus_tokenizer(corpus, d.vocab_size),
-        image_size=d.image_size,
-        patch_size=d.patch_size,
-        vision_hidden_size=d.vision_hidden_size,
-        vision_layers=d.vision_layers,
-        text_hidden_size=d.text_hidden_size,
-        text_layers=d.text_layers,
-        embed_dim=d.embed_dim,
-        max_text_tokens=d.max_text_tokens,
-    )
-    log.info("dense baseline: training (%s)", _plural(int(d.max_epochs), "epoch"))
-    start = time.perf_counter()
-    loggers = tracked.lightning_logger() if tracked is not None else False
-    trainer = _trainer(cfg, max_epochs=int(d.max_epochs), run_dir=directory, loggers=loggers,
-                       name="the dense baseline")
-    trainer.fit(DenseModule(encoder, lr=d.lr, weight_decay=d.weight_decay), pair_loader(corpus, d.batch_size, cfg.seed))
-    seconds = time.perf_counter() - start
-    if tracked is not None:
-        tracked.update_summary({"dense/train_seconds": seconds, "dense/cache": str(directory)})
-    if trainer.is_global_zero:  # under DDP every rank holds the same weights; one writes them
-        encoder.save(directory)
-        (directory / "done.json").write_text(json.dumps({"train_seconds": seconds}))
-    return encoder, seconds
-
-
-def _frozen_dense_class():
-    from gcr.models.frozen_dense import FrozenTowerDualEncoder
-
-    return FrozenTowerDualEncoder
-
-
-def _frozen_dense(cfg: DictConfig, corpus: Corpus, directory: Path, tracked=None):
-    """Locked-tower tuning: frozen MiniLM + EfficientNet-Lite0, trained projections."""
-    d = cfg.dense
-    encoder = _frozen_dense_class()(embed_dim=int(d.embed_dim))
-    log.info("dense baseline: training the projections over frozen pretrained towers (%s)",
-             _plural(int(d.max_epochs), "epoch"))
-    start = time.perf_counter()
-    history = train_frozen_dense(
-        encoder, corpus, cache_dir=cfg.cache_dir, max_epochs=int(d.max_epochs), batch_size=int(d.batch_size),
-        lr=float(d.lr), weight_decay=float(d.weight_decay), seed=cfg.seed,
-    )
-    seconds = time.perf_counter() - start
-    log.info("dense projections: loss %.3f -> %.3f", history[0], history[-1])
-    if tracked is not None and tracked.start("train") is not None:
-        for epoch, loss in enumerate(history):
-            tracked.run.log({"dense/epoch_loss": loss, "epoch": epoch})
-        tracked.update_summary({"dense/train_seconds": seconds, "dense/cache": str(directory)})
-    encoder.save(directory)
-    (directory / "done.json").write_text(json.dumps({"train_seconds": seconds, "loss": history}))
-    return encoder, seconds
-
-
-def _build_backbone(cfg: DictConfig, corpus: Corpus, dense, reserved_words=()):
+# -- stages -------------------------------------------------------------------------------------
+def build_backbone(cfg: DictConfig, corpus: Corpus, dense, reserved_words=()):
     """``model.name`` from the backbone registry; every key but ``name``/``vision_init`` is a create() option.
 
-    ``reserved_words``: words a corpus-built tokenizer (``tiny``) must hold, e.g. an identifier scheme's
-    field names; pretrained tokenizers spell any word.
+    A backbone that builds its vocabulary from the corpus is given the scheme's ``reserved_words``; one that
+    needs the dense baseline is given it (both declared on the class).
     """
     options = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in ("name", "vision_init")}
     backbone_class = BACKBONES.get(cfg.model.name)
-    if cfg.model.name == "tiny":
-        options["tokenizer"] = corpus_tokenizer(corpus, cfg.model.vocab_size, reserved_words)
+    if getattr(backbone_class, "builds_vocabulary", False):
+        options["reserved_words"] = list(reserved_words)
+    if getattr(backbone_class, "needs_dense", False):
+        options["dense"] = dense
     backbone = backbone_class.create(corpus, **options)
-    if cfg.model.get("vision_init", "random") == "dense":
-        if dense is None:
-            raise ConfigError("model.vision_init=dense needs the dense baseline; set dense.enabled=true")
-        backbone.load_vision_tower(dense.vision_state())
+    if cfg.model.get("vision_init", "none") == "dense":
+        backbone.load_vision_tower(dense.vision_state())  # config_checks made sure both sides allow it
     return backbone
+
+
+def _needs_dense(cfg: DictConfig, scheme) -> bool:
+    return bool(
+        cfg.dense.enabled
+        or cfg.model.get("vision_init") == "dense"
+        or (scheme.requirements.features and cfg.features.encoder == "dense")
+        or getattr(BACKBONES.get(cfg.model.name), "needs_dense", False)
+    )
 
 
 # -- fit ----------------------------------------------------------------------------------------
@@ -198,36 +98,23 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
         return _fit(cfg, run_dir)
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
 def _fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     log.info("run folder %s", run_dir)
     corpus = load_dataset(cfg.data)
     sizes = ", ".join(f"{len(corpus.split(s))} {s}" for s in ("train", "val", "test"))
-    log.info("data: %s, %s (%s)", corpus.name, _plural(len(corpus.images), "item"), sizes)
-    scheme_options = {k: v for k, v in OmegaConf.to_container(cfg.scheme, resolve=True).items() if k != "name"}
-    probe = build_scheme(cfg.scheme.name, seed=cfg.seed, **scheme_options)  # fail fast on unknown options
-    check_source(cfg.description.source)
-
-    needs_dense = (
-        cfg.dense.enabled
-        or cfg.model.get("vision_init") == "dense"
-        or (probe.needs_features and cfg.features.encoder == "dense")
-    )
+    log.info("data: %s, %s (%s)", corpus.name, plural(len(corpus.images), "item"), sizes)
     rows: list[ResultRow] = []
     # each part is a W&B run of its own (gcr.tracking), finished before the next starts
     with tracking.dense_run(cfg, f"{cfg.run_name}/dense", run_dir / "dense") as tracked:
-        dense, dense_seconds = dense_baseline(cfg, corpus, tracked) if needs_dense else (None, 0.0)
+        needed = _needs_dense(cfg, build_checked_scheme(cfg))
+        dense, dense_seconds = dense_baseline(cfg, corpus, tracked) if needed else (None, 0.0)
         if cfg.dense.enabled:
             log.info("dense baseline: evaluating")
             rows += dense_rows(cfg, corpus, dense, dense_seconds)
             tracked.log_rows(rows)
     for direction in cfg.directions:
-        task = _evaluation_task(cfg, corpus, direction)
         with tracking.direction_run(cfg, direction, run_dir) as tracked:
-            direction_rows = _fit_direction(cfg, corpus, task, dense, run_dir / direction, scheme_options, tracked)
+            direction_rows = _fit_direction(cfg, corpus, direction, dense, run_dir / direction, tracked)
             tracked.log_rows(direction_rows)
         rows += direction_rows
     results = build_results(cfg, corpus, rows)
@@ -235,15 +122,93 @@ def _fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return results
 
 
-def dense_rows(cfg: DictConfig, corpus: Corpus, dense, train_seconds: float) -> list[ResultRow]:
-    """The dense baseline scored on every direction's test split (``dense`` or ``dense-<type>`` rows)."""
-    name = "dense" if cfg.dense.get("type", "clip") == "clip" else f"dense-{cfg.dense.type}"
-    rows = []
-    for direction in cfg.directions:
-        metrics, per_query = score_dense(dense, _evaluation_task(cfg, corpus, direction), "test", tuple(cfg.eval.ks))
-        rows.append(ResultRow(name, "dense", direction, metrics, train_seconds, seed=int(cfg.seed),
-                              per_query=per_query))
-    return rows
+def _fit_direction(cfg: DictConfig, corpus: Corpus, direction: str, dense, out_dir: Path,
+                   tracked=None) -> list[ResultRow]:
+    """One direction's stages: describe -> backbone -> features -> identifiers -> index -> train -> evaluate."""
+    task = scored_task(cfg, corpus, direction)
+    scheme = build_checked_scheme(cfg)
+    needs = scheme.requirements
+    if needs.descriptions:
+        task = _described(cfg, corpus, task, dense)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the same weights whether or not a captioner trained
+    backbone = build_backbone(cfg, corpus, dense, scheme.reserved_words())
+    features = _target_features(cfg, corpus, task, dense) if needs.features else None
+    generator = None
+    if needs.text_generator:  # e.g. ssi generator=mllm: the run's backbone writes the identifiers
+        from gcr.heads.rationales import mllm_answerer
+
+        generator = mllm_answerer(backbone, batch_size=int(cfg.eval.batch_size))
+    scheme.prepare(SchemeContext(tokenizer=backbone.tokenizer, features=features, generator=generator))
+    index, index_seconds = _build_index(cfg, corpus, scheme, task, features)
+    backbone.add_identifier_tokens(scheme.new_tokens())
+    for group in scheme.token_vectors().values():  # e.g. CART: tokens start at their codebook vectors
+        backbone.init_token_embeddings(group)
+    rgs = _rationale_setup(cfg, scheme, task, index, backbone)
+    index.tokenize(backbone.tokenizer, end_token_id=rgs.separator_id if rgs else None)
+    index.save(out_dir)
+    if rgs is not None:
+        write_json(out_dir / "rationales.json", dict(zip([t.target_id for t in task.targets], scheme.rationales())))
+    results, per_query, train_seconds = _train_and_evaluate(cfg, corpus, task, index, backbone, dense, rgs,
+                                                            out_dir, tracked)
+    stats = {**index.stats(), "build_seconds": index_seconds, **scheme.stats()}
+    if needs.descriptions:
+        stats["description"] = cfg.description.source
+    return _rows(cfg, task.direction, results, train_seconds, stats, per_query)
+
+
+def _target_features(cfg: DictConfig, corpus: Corpus, task: RetrievalTask, dense):
+    log.info("features: %s targets with the %s encoder (cached)", len(task.targets), cfg.features.encoder)
+    encoder = dense if cfg.features.encoder == "dense" else _feature_encoder(cfg.features.encoder, corpus)
+    return cached_target_features(
+        encoder, cfg.features.encoder, task.targets, corpus_fingerprint=corpus.fingerprint(),
+        cache_dir=cfg.cache_dir, batch_size=cfg.features.batch_size,
+    )
+
+
+def _build_index(cfg: DictConfig, corpus: Corpus, scheme, task: RetrievalTask, features):
+    log.info("identifiers: %s for %s %s targets", cfg.scheme.name, len(task.targets), task.direction)
+    start = time.perf_counter()
+    assignments = scheme.fit(task.targets, features)
+    index = IdentifierIndex.build(
+        scheme, [t.target_id for t in task.targets], assignments,
+        direction=task.direction, corpus_fingerprint=corpus.fingerprint(),
+    )
+    return index, time.perf_counter() - start
+
+
+def _train_and_evaluate(cfg, corpus, task, index, backbone, dense, rgs, out_dir: Path, tracked):
+    """Train (resuming from ``last.ckpt``), save the backbone, score the test split."""
+    verifier, pairs = _verifier(cfg, task, index, backbone)
+    module = GenerativeRetrievalModule(
+        backbone, lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, warmup_ratio=cfg.trainer.warmup_ratio,
+        verifier=verifier, gsv_loss_weight=float(cfg.gsv.loss_weight),
+        rationale_weight=float(rgs.weight) if rgs else 1.0, identity=_identity(index),
+    )
+    data = GenerativeDataModule(
+        task, index, backbone, batch_size=cfg.trainer.batch_size, eval_batch_size=cfg.eval.batch_size,
+        verifier=verifier, verification_pairs=pairs, pairs_per_step=int(cfg.gsv.pairs_per_step), seed=int(cfg.seed),
+        extra_examples=_caption_queries(cfg, corpus, task, index, dense),
+        rationales=rgs.token_ids if rgs else None,
+    )
+    evaluation = RetrievalEvaluation(tuple(cfg.eval.ks))
+    last = out_dir / "checkpoints" / "last.ckpt"
+    callbacks = [ConstrainedDecoding(task, index, num_beams=cfg.decoding.num_beams), evaluation,
+                 EpochEndCheckpoint(last), EpochSeed(int(cfg.seed))]
+    name = f"{cfg.scheme.name}/{task.direction}"
+    trainer = build_trainer(cfg, max_epochs=int(cfg.trainer.max_epochs), run_dir=out_dir, callbacks=callbacks,
+                            name=name, loggers=tracked.lightning_logger() if tracked is not None else False)
+    log.info("training %s: %s per epoch", name, plural(len(data.examples), "example"))
+    start = time.perf_counter()
+    if last.exists():
+        log.info("resuming %s from %s", name, last)
+    # weights_only: resuming never unpickles arbitrary objects (the checkpoint holds tensors and plain values)
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None, weights_only=True)
+    train_seconds = time.perf_counter() - start
+    if trainer.is_global_zero:
+        backbone.save(out_dir / "backbone")
+    log.info("evaluating %s on %s test queries", name, len(task.queries_of("test")))
+    trainer.test(module, datamodule=data, verbose=False)
+    return evaluation.results, evaluation.per_query, train_seconds
 
 
 def _feature_encoder(name: str, corpus: Corpus):
@@ -252,15 +217,7 @@ def _feature_encoder(name: str, corpus: Corpus):
     return build_feature_encoder(name, corpus=corpus) if name == "precomputed" else build_feature_encoder(name)
 
 
-def _evaluation_task(cfg: DictConfig, corpus: Corpus, direction: str):
-    """The direction's task as every method of the run is scored on it (``description=heldout`` drops queries)."""
-    d = cfg.get("description")  # absent from runs made before gcr had descriptions: all queries count
-    if d is None:
-        return retrieval_task(corpus, direction)
-    return evaluation_task(retrieval_task(corpus, direction), corpus, d.source, heldout_caption=int(d.heldout_caption))
-
-
-def _described(cfg: DictConfig, corpus: Corpus, task, dense):
+def _described(cfg: DictConfig, corpus: Corpus, task: RetrievalTask, dense) -> RetrievalTask:
     """``task`` with leakage-free target descriptions (``description.source``) for text-built identifiers."""
     d = cfg.description
     captions = None
@@ -274,7 +231,7 @@ def _described(cfg: DictConfig, corpus: Corpus, task, dense):
 def _captioner_factory(cfg: DictConfig, dense):
     """``corpus -> backbone`` for the description captioner: the run's model, or ``tiny`` if it cannot write text."""
     if getattr(BACKBONES.get(cfg.model.name), "writes_text", True):
-        return lambda corpus: _build_backbone(cfg, corpus, dense)
+        return lambda corpus: build_backbone(cfg, corpus, dense)
     log.info("model %r cannot write captions; the description captioner is a tiny model", cfg.model.name)
     from gcr.models.tiny import TinyBackbone
 
@@ -304,7 +261,7 @@ def _verifier(cfg: DictConfig, task, index, backbone):
     """GSV (``gsv.enabled``): the verifier and its (image, caption, hard negative) training triples."""
     if not cfg.get("gsv", {}).get("enabled", False):
         return None, []
-    from gcr.verification import GenerativeVerifier, hard_negative_pairs
+    from gcr.heads.verification import GenerativeVerifier, hard_negative_pairs
 
     g = cfg.gsv
     verifier = GenerativeVerifier(
@@ -325,92 +282,12 @@ def _rationale_setup(cfg: DictConfig, scheme, task, index, backbone):
     r = cfg.get("rgs")
     if r is None or not r.enabled:
         return None
-    if not getattr(type(backbone), "writes_text", True):
-        raise ConfigError(f"rgs.enabled=true needs a backbone that writes text; model {cfg.model.name!r} cannot")
-    from gcr.rationales import supervision
+    from gcr.heads.rationales import supervision
 
     rationales = scheme.rationales()
     by_target = dict(zip([t.target_id for t in task.targets], rationales)) if rationales else {}
     return supervision(backbone.tokenizer, index.identifiers, by_target, separator=str(r.separator),
                        weight=float(r.weight), scheme=scheme.name, max_tokens=int(r.max_tokens))
-
-
-def _fit_direction(cfg, corpus, task, dense, out_dir: Path, scheme_options, tracked=None) -> list[ResultRow]:
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    scheme = build_scheme(cfg.scheme.name, seed=cfg.seed, **scheme_options)
-    backbone = _build_backbone(cfg, corpus, dense, scheme.reserved_words())
-    scheme.bind_tokenizer(backbone.tokenizer)
-    if scheme.uses_descriptions:
-        task = _described(cfg, corpus, task, dense)
-        L.seed_everything(cfg.seed, workers=True, verbose=False)  # the same weights whether or not a captioner trained first
-        backbone = _build_backbone(cfg, corpus, dense, scheme.reserved_words())
-    features = None
-    if scheme.needs_features:
-        log.info("features: %s targets with the %s encoder (cached)", len(task.targets), cfg.features.encoder)
-        encoder = dense if cfg.features.encoder == "dense" else _feature_encoder(cfg.features.encoder, corpus)
-        features = cached_target_features(
-            encoder, cfg.features.encoder, task.targets, corpus_fingerprint=corpus.fingerprint(),
-            cache_dir=cfg.cache_dir, batch_size=cfg.features.batch_size,
-        )
-    if getattr(scheme, "generator", None) == "mllm":  # ssi: the run's (pretrained) MLLM writes the fields
-        if not getattr(type(backbone), "writes_text", True):
-            raise ConfigError(f"ssi.generator=mllm needs a backbone that writes text; model {cfg.model.name!r} cannot")
-        from gcr.rationales import mllm_answerer
-
-        scheme.answerer = mllm_answerer(backbone, batch_size=int(cfg.eval.batch_size))
-    log.info("identifiers: %s for %s %s targets", cfg.scheme.name, len(task.targets), task.direction)
-    t0 = time.perf_counter()
-    assignments = scheme.fit(task.targets, features)
-    index = IdentifierIndex.build(
-        scheme, [t.target_id for t in task.targets], assignments,
-        direction=task.direction, corpus_fingerprint=corpus.fingerprint(),
-    )
-    index_seconds = time.perf_counter() - t0
-    backbone.add_identifier_tokens(scheme.new_tokens())
-    for group in scheme.token_vectors().values():  # e.g. CART: tokens start at their codebook vectors
-        backbone.init_token_embeddings(group)
-    rgs = _rationale_setup(cfg, scheme, task, index, backbone)
-    index.tokenize(backbone.tokenizer, end_token_id=rgs.separator_id if rgs else None)
-    index.save(out_dir)
-    if rgs is not None:
-        write_json(out_dir / "rationales.json", dict(zip([t.target_id for t in task.targets], scheme.rationales())))
-
-    verifier, pairs = _verifier(cfg, task, index, backbone)
-    module = GenerativeRetrievalModule(
-        backbone, lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, warmup_ratio=cfg.trainer.warmup_ratio,
-        verifier=verifier, gsv_loss_weight=float(cfg.gsv.loss_weight),
-        rationale_weight=float(rgs.weight) if rgs else 1.0, identity=_identity(index),
-    )
-    data = GenerativeDataModule(
-        task, index, backbone, batch_size=cfg.trainer.batch_size, eval_batch_size=cfg.eval.batch_size,
-        verifier=verifier, verification_pairs=pairs, pairs_per_step=int(cfg.gsv.pairs_per_step), seed=int(cfg.seed),
-        extra_examples=_caption_queries(cfg, corpus, task, index, dense),
-        rationales=rgs.token_ids if rgs else None,
-    )
-    evaluation = RetrievalEvaluation(tuple(cfg.eval.ks))
-    last = out_dir / "checkpoints" / "last.ckpt"
-    callbacks = [ConstrainedDecoding(task, index, num_beams=cfg.decoding.num_beams), evaluation,
-                 EpochEndCheckpoint(last), EpochSeed(int(cfg.seed))]
-    trainer = _trainer(
-        cfg, max_epochs=int(cfg.trainer.max_epochs), run_dir=out_dir, callbacks=callbacks,
-        name=f"{cfg.scheme.name}/{task.direction}",
-        loggers=tracked.lightning_logger() if tracked is not None else False,
-    )
-    log.info("training %s/%s: %s per epoch", cfg.scheme.name, task.direction, _plural(len(data.examples), "example"))
-    start = time.perf_counter()
-    if last.exists():
-        log.info("resuming %s/%s from %s", cfg.scheme.name, task.direction, last)
-    # weights_only: resuming never unpickles arbitrary objects (the checkpoint holds tensors and plain values)
-    trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None, weights_only=True)
-    train_seconds = time.perf_counter() - start
-    if trainer.is_global_zero:
-        backbone.save(out_dir / "backbone")
-    log.info("evaluating %s/%s on %s test queries", cfg.scheme.name, task.direction, len(task.queries_of("test")))
-    trainer.test(module, datamodule=data, verbose=False)
-    stats = {**index.stats(), "build_seconds": index_seconds, **scheme.stats()}
-    if scheme.uses_descriptions:
-        stats["description"] = cfg.description.source
-    return _rows(cfg, task.direction, evaluation.results, train_seconds, stats, evaluation.per_query)
 
 
 def _rows(cfg: DictConfig, direction: str, results: dict, train_seconds, stats: dict,
@@ -449,7 +326,7 @@ def evaluate(path: str | Path, overrides: DictConfig | None = None) -> dict[str,
         directions = list(cfg.directions)
     rows = []
     for direction in directions:
-        task = _evaluation_task(cfg, corpus, direction)
+        task = scored_task(cfg, corpus, direction)
         out_dir = run_dir / direction
         index = IdentifierIndex.load(out_dir, scheme=cfg.scheme.name, corpus_fingerprint=corpus.fingerprint(), direction=direction)
         backbone = load_backbone(out_dir / "backbone")
@@ -468,7 +345,7 @@ def evaluate(path: str | Path, overrides: DictConfig | None = None) -> dict[str,
         data = GenerativeDataModule(task, index, backbone, eval_batch_size=cfg.eval.batch_size)
         evaluation = RetrievalEvaluation(tuple(cfg.eval.ks))
         callbacks = [ConstrainedDecoding(task, index, num_beams=cfg.decoding.num_beams), evaluation]
-        _trainer(cfg, max_epochs=1, run_dir=None, callbacks=callbacks, name=f"{cfg.scheme.name}/{direction}").test(
+        build_trainer(cfg, max_epochs=1, run_dir=None, callbacks=callbacks, name=f"{cfg.scheme.name}/{direction}").test(
             module, datamodule=data, verbose=False)
         rows += _rows(cfg, direction, evaluation.results, None, index.stats(), evaluation.per_query)
     results = build_results(cfg, corpus, rows)

@@ -17,6 +17,7 @@ _WARNINGS = (
     r"You have overridden `transfer_batch_to_device`.*",
     r".*does not have many workers which may be a bottleneck.*",  # gcr's loaders are in-process on purpose
     r".*The number of training batches \(\d+\) is smaller than the logging interval.*",
+    r"Found \d+ module\(s\) in eval mode at the start of training.*",  # frozen pretrained towers, on purpose
 )
 
 

@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from gcr.data.corpus import Content, Corpus, RetrievalTask
+from gcr.dense.models import DualEncoder
 from gcr.features import encode_contents
-from gcr.models.dense import DualEncoder
 from gcr.progress import progress
 from gcr.train.metrics import RetrievalScorer
 from gcr.train.schedules import lightning_optimizers
@@ -98,7 +98,7 @@ def train_frozen_dense(
     weight_decay: float = 0.0,
     seed: int = 0,
 ) -> list[float]:
-    """Train the projections of a :class:`~gcr.models.frozen_dense.FrozenTowerDualEncoder` on the train pairs.
+    """Train the projections of a :class:`~gcr.dense.frozen.FrozenTowerDualEncoder` on the train pairs.
 
     The frozen towers' features of every train caption and image are computed once (and cached), so each
     epoch is only the projections. Items given as precomputed embeddings are read as stored (cached under

@@ -7,7 +7,7 @@ training is a few seconds of matrix products even on a CPU.
 
 Items given as precomputed embeddings (audio, video, ...; :mod:`gcr.data.feature_items`) take the image
 tower's place: their stored vectors are the frozen "tower" output, and the item projection's input width
-is their D (``item_dim``, set from the data by :func:`gcr.train.dense.train_frozen_dense`). This is the
+is their D (``item_dim``, set from the data by :func:`gcr.dense.training.train_frozen_dense`). This is the
 dense baseline of text-to-audio and text-to-video runs.
 """
 
