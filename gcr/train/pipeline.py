@@ -159,12 +159,22 @@ def _build_backbone(cfg: DictConfig, corpus: Corpus, dense, reserved_words=()):
     backbone_class = BACKBONES.get(cfg.model.name)
     if cfg.model.name == "tiny":
         options["tokenizer"] = corpus_tokenizer(corpus, cfg.model.vocab_size, reserved_words)
+    if getattr(backbone_class, "builds_vocabulary", False):  # create() builds a corpus tokenizer (compact)
+        options["reserved_words"] = list(reserved_words)
+    if _backbone_needs_dense(cfg):
+        options["dense"] = dense
     backbone = backbone_class.create(corpus, **options)
     if cfg.model.get("vision_init", "random") == "dense":
         if dense is None:
             raise ConfigError("model.vision_init=dense needs the dense baseline; set dense.enabled=true")
         backbone.load_vision_tower(dense.vision_state())
     return backbone
+
+
+def _backbone_needs_dense(cfg: DictConfig) -> bool:
+    """True when ``model.name``'s class declares (``needs_dense(options)``) that it reads the dense baseline."""
+    needs = getattr(BACKBONES.get(cfg.model.name), "needs_dense", None)
+    return bool(needs(OmegaConf.to_container(cfg.model, resolve=True))) if needs is not None else False
 
 
 def _wandb_logger(cfg: DictConfig, run_dir: Path, name: str):
@@ -196,6 +206,7 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
         cfg.dense.enabled
         or cfg.model.get("vision_init") == "dense"
         or (probe.needs_features and cfg.features.encoder == "dense")
+        or _backbone_needs_dense(cfg)
     )
     dense, dense_seconds = dense_baseline(cfg, corpus) if needs_dense else (None, 0.0)
     rows: list[ResultRow] = []
