@@ -314,7 +314,9 @@ def test_pipeline_fits_a_word_scheme_on_the_layerwise_pretrained_encoder(tmp_pat
     assert len(images) == 40 and cache._rows[images[0]].shape[0] == 4 * 4 + 1, "grid cells + the pooled token"
 
 
-def test_pipeline_fits_stored_feature_items_with_the_aligned_pretrained_dense(tmp_path):
+@pytest.mark.parametrize("encoder", ["aligned", "features"])
+def test_pipeline_fits_stored_feature_items(encoder, tmp_path):
+    """aligned: the frozen-tower dense baseline's item projection; features: the stored vectors themselves."""
     _pretrained_packages()
     from gcr.cli import compose, config_dir
     from gcr.data.feature_items import write_feature_items_fixture
@@ -324,11 +326,12 @@ def test_pipeline_fits_stored_feature_items_with_the_aligned_pretrained_dense(tm
     cfg = compose([
         f"output_dir={tmp_path / 'runs'}", "data=feature_items", "data.name=toy-audio", f"data.json={items}",
         f"data.features={items.parent}", "model=compact", "scheme=hkmeans", "scheme.k=4", "scheme.leaf_size=4",
-        "features.encoder=precomputed", "dense=pretrained", "dense.max_epochs=5", "trainer.max_epochs=2",
+        f"model.encoder={encoder}", "features.encoder=precomputed", "dense=pretrained", "dense.max_epochs=5",
+        "trainer.max_epochs=2",
         "directions=[t2i]", "decoding.num_beams=3", "model.d_model=32", "model.num_layers=1", "model.num_heads=2",
     ], config_dir())
     results = fit(cfg)
     rows = {(r["method"], r["direction"]): r for r in results["rows"]}
     assert set(rows) == {("dense-pretrained", "t2i"), ("hkmeans", "t2i")}
-    again = evaluate(Path(cfg.output_dir) / cfg.run_name / "t2i")  # reloads the saved frozen-tower dense too
+    again = evaluate(Path(cfg.output_dir) / cfg.run_name / "t2i")  # reloads the saved backbone (and dense)
     assert again["rows"][0]["metrics"]["R@10"] == pytest.approx(rows[("hkmeans", "t2i")]["metrics"]["R@10"])
