@@ -197,7 +197,8 @@ def check_combinations(cfg: DictConfig, scheme: Any) -> None:
     vision_init = cfg.model.get("vision_init", "none")
     needs = scheme.requirements
     needs_dense = (bool(cfg.dense.enabled) or vision_init == "dense"
-                   or (needs.features and cfg.features.encoder == "dense"))
+                   or (needs.features and cfg.features.encoder == "dense")
+                   or bool(backbone.needs_dense(OmegaConf.to_container(cfg.model, resolve=True))))
     if needs_dense and items != "image" and dense_type == "clip":
         raise ConfigError(f"the CLIP-style dense baseline (dense=clip_tiny) reads image pixels, but data={cfg.data.name} "
                           f"holds {items} items; fix: dense=pretrained (frozen MiniLM + the stored vectors), "

@@ -196,6 +196,7 @@ BACKBONES.register_lazy("tiny", "gcr.models.tiny:TinyBackbone", "LLaVA-style HF 
 BACKBONES.register_lazy("hf", "gcr.models.hf:HFBackbone", "any HF image-text-to-text checkpoint (hub name or folder), LoRA")
 BACKBONES.register_lazy("smol", "gcr.models.smol:SmolBackbone", "SmolLM2-135M + frozen EfficientNet-Lite0 + projector, offline, LoRA")
 BACKBONES.register_lazy("cart", "gcr.models.cart:CartBackbone", "CART: frozen MiniLM/EfficientNet-Lite0 layers, coarse-to-fine fusion, compact decoder")
+BACKBONES.register_lazy("compact", "gcr.models.compact:CompactBackbone", "frozen cached query encoder (aligned dense towers | pretrained layers | features) + small identifier decoder")
 DATASETS.register_lazy("shapes", "gcr.data.sources:load_shapes", "procedurally drawn scenes, generated locally")
 DATASETS.register_lazy("karpathy", "gcr.data.sources:load_karpathy_source", "Flickr30K / MS-COCO Karpathy JSON")
 DATASETS.register_lazy("feature_items", "gcr.data.feature_items:load_feature_items", "items as precomputed embeddings (audio, video, ...) + captions")

@@ -61,8 +61,12 @@ class GenerativeBackbone(nn.Module):
     #: True when ``create(corpus, reserved_words=...)`` builds the tokenizer from the corpus (it must then
     #: hold the words a scheme reserves); pretrained tokenizers spell any word and are not given them.
     builds_vocabulary = False
-    #: True when ``create(corpus, dense=...)`` needs the trained dense baseline (e.g. its towers as encoder).
-    needs_dense = False
+
+    @staticmethod
+    def needs_dense(options: dict[str, Any]) -> bool:
+        """True when ``create(corpus, dense=...)`` needs the trained dense baseline for these ``model`` options
+        (e.g. its towers as the query encoder)."""
+        return False
 
     def __init__(
         self,

@@ -68,7 +68,7 @@ def build_backbone(cfg: DictConfig, corpus: Corpus, dense, reserved_words=()):
     backbone_class = BACKBONES.get(cfg.model.name)
     if getattr(backbone_class, "builds_vocabulary", False):
         options["reserved_words"] = list(reserved_words)
-    if getattr(backbone_class, "needs_dense", False):
+    if backbone_needs_dense(cfg):
         options["dense"] = dense
     backbone = backbone_class.create(corpus, **options)
     if cfg.model.get("vision_init", "none") == "dense":
@@ -76,12 +76,17 @@ def build_backbone(cfg: DictConfig, corpus: Corpus, dense, reserved_words=()):
     return backbone
 
 
+def backbone_needs_dense(cfg: DictConfig) -> bool:
+    """True when ``model.name``'s class declares (``needs_dense(options)``) that it reads the dense baseline."""
+    return bool(BACKBONES.get(cfg.model.name).needs_dense(OmegaConf.to_container(cfg.model, resolve=True)))
+
+
 def _needs_dense(cfg: DictConfig, scheme) -> bool:
     return bool(
         cfg.dense.enabled
         or cfg.model.get("vision_init") == "dense"
         or (scheme.requirements.features and cfg.features.encoder == "dense")
-        or getattr(BACKBONES.get(cfg.model.name), "needs_dense", False)
+        or backbone_needs_dense(cfg)
     )
 
 
@@ -96,6 +101,7 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
         cfg.run_name = config["run_name"] = str(run_dir.relative_to(cfg.output_dir))
     with RunFolder.claim(run_dir, config):
         return _fit(cfg, run_dir)
+
 
 
 def _fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:

@@ -1,0 +1,416 @@
+"""Backbone ``compact``: one frozen query encoder, cached, and a small identifier decoder every scheme runs on.
+
+* **Encoder** (``encoder``, frozen; :mod:`gcr.models.query_encoders`): ``aligned`` = the dense baseline's
+  towers (text and images in one aligned space), ``pretrained`` = CART's per-layer MiniLM / EfficientNet-Lite0
+  memory, ``features`` = one pooled pretrained vector (stored vectors for audio/video items). Each content is
+  encoded once per process and cached, so an epoch only trains the decoder. Each encoder layer is projected
+  to ``d_model`` (``LayerNorm -> Linear``; one projection per layer and modality, or one for all modalities when
+  the encoder is aligned, so an image and its caption give the decoder the same kind of memory).
+* **Decoder** (``decoder``): ``transformer`` = CART's decoder layers (:class:`gcr.models.cart.DecoderLayer`:
+  causal self-attention, the memory fusion, FFN); ``gru`` = a GRU whose initial state is the pooled memory,
+  with the same fusion after it. ``fusion`` (coarse_fine | coarse | fine | last) and ``rdrop_weight`` (R-Drop)
+  are CART's, off by default (``last``, 0) and on by config for any scheme.
+* **Vocabulary**: the corpus word tokenizer of the train captions (``vocab_size`` words, plus the words a
+  scheme reserves) so natural-language identifiers (semcore, ssi) are spelled word by word; code tokens
+  (atomic, hkmeans, cart, plugins) are added by :meth:`add_identifier_tokens`.
+* **Loss and decoding** are CART's (:class:`gcr.models.cart.CartBackbone`): cross-entropy (+ R-Drop KL), and
+  :func:`gcr.decoding.beam_search.constrained_beam_search` under the trie. It writes identifiers only
+  (``writes_text = False``): captions for semcore/ssi descriptions come from a ``tiny`` captioner; GSV and RGS
+  need a text-writing backbone.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gcr.data.corpus import Content, Corpus
+from gcr.errors import ArtifactError, ConfigError, DataError
+from gcr.models.base import BACKBONE_FILE, GenerativeBackbone
+from gcr.models.cart import (
+    FUSIONS,
+    INIT_STD,
+    WEIGHTS_FILE,
+    CartBackbone,
+    CartNetwork,
+    CoarseFineFusion,
+    DecoderLayer,
+)
+from gcr.models.query_encoders import ENCODERS, ENCODINGS, EncodingCache, QueryEncoder, build_query_encoder
+
+DECODERS = ("transformer", "gru")
+MODALITIES = ("text", "image", "feature")
+DENSE_DIR = "dense"
+_FILLER = -1e9  # score of an empty beam slot (fewer identifiers than beams); the retriever skips it
+DEFAULTS: dict[str, Any] = {
+    "encoder": "aligned",
+    "decoder": "transformer",
+    "d_model": 256,
+    "num_layers": 2,
+    "num_heads": 4,
+    "ffn_dim": 512,
+    "dropout": 0.1,
+    "fusion": "last",
+    "rdrop_weight": 0.0,
+    "vocab_size": 1000,
+    "max_text_tokens": 48,
+    "max_id_tokens": 64,
+    "image_size": 224,
+    "image_grid": 4,
+    "feature_dim": 0,
+    "seed": 0,
+}
+
+
+# -- the network ------------------------------------------------------------------------------------
+class GRUDecoder(nn.Module):
+    """A GRU started from the pooled memory, then the memory fusion on its outputs (one residual branch)."""
+
+    def __init__(self, d_model: int, num_layers: int, num_heads: int, num_memory_layers: int, fusion: str,
+                 dropout: float):
+        super().__init__()
+        self.num_layers = num_layers
+        self.pool_norm = nn.LayerNorm(d_model)
+        self.init = nn.Linear(d_model, num_layers * d_model)
+        self.gru = nn.GRU(d_model, d_model, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0)
+        self.norm = nn.LayerNorm(d_model)
+        self.fusion = CoarseFineFusion(d_model, num_heads, num_memory_layers, fusion, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def memory(self, memory: torch.Tensor) -> dict:
+        """Fusion keys/values and the initial state ``(B, layers, d)``; padded memory rows are zero, and the
+        LayerNorm makes the pooled sum a mean over the real tokens."""
+        B, d = memory.shape[0], memory.shape[-1]
+        h0 = torch.tanh(self.init(self.pool_norm(memory.sum(dim=(1, 2))))).view(B, self.num_layers, d)
+        return {"fusion": self.fusion.memory(memory), "h0": h0}
+
+    def forward(self, h: torch.Tensor, cache: dict, mask: torch.Tensor, group: int, past=None):
+        N, t, d = h.shape
+        state = cache["h0"].repeat_interleave(group, 0) if past is None else past
+        out, last = self.gru(h, state.transpose(0, 1).contiguous())
+        fused = self.fusion(self.norm(out).reshape(N // group, group * t, d), cache["fusion"], mask)
+        return out + self.drop(fused.reshape(N, t, d)), last.transpose(0, 1)
+
+
+class CompactNetwork(nn.Module):
+    """Everything that trains: per-layer memory projections, the decoder, token embeddings and output head."""
+
+    def __init__(self, vocab_size: int, *, widths: dict[str, list[int]], num_memory_layers: int, shared: bool,
+                 positions: dict[str, int], decoder: str, d_model: int, num_layers: int, num_heads: int,
+                 ffn_dim: int, dropout: float, fusion: str, max_id_tokens: int):
+        super().__init__()
+        self.num_memory_layers, self.shared, self.decoder = num_memory_layers, shared, decoder
+        self.widths = {m: [int(w) for w in ws] for m, ws in widths.items()}
+        groups = {"shared": next(iter(self.widths.values()))} if shared else self.widths
+        self.proj = nn.ModuleDict({
+            m: nn.ModuleList(nn.Sequential(nn.LayerNorm(w), nn.Linear(w, d_model)) for w in ws) for m, ws in groups.items()
+        })
+        self.pos_memory = nn.ParameterDict({m: nn.Parameter(torch.zeros(n, d_model)) for m, n in positions.items()})
+        self.memory_drop = nn.Dropout(dropout)
+        self.embed = nn.Embedding(vocab_size, d_model)
+        if decoder == "transformer":
+            self.pos = nn.Embedding(max_id_tokens + 1, d_model)  # BOS + up to max_id_tokens
+            self.layers = nn.ModuleList(
+                DecoderLayer(d_model, num_heads, ffn_dim, num_memory_layers, fusion, dropout) for _ in range(num_layers)
+            )
+        else:
+            self.gru = GRUDecoder(d_model, num_layers, num_heads, num_memory_layers, fusion, dropout)
+            self.drop = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.apply(CartNetwork._init)
+        for p in self.pos_memory.values():
+            nn.init.normal_(p, std=INIT_STD)
+
+    resize_vocab = CartNetwork.resize_vocab  # grows `embed` and `head` (mean of old rows + seeded noise)
+
+    def project(self, modality: str, rows: torch.Tensor) -> torch.Tensor:
+        """(N, T, W) cached encodings of one modality -> (N, L, T, d_model)."""
+        widths = self.widths.get(modality)
+        if widths is None:
+            raise ConfigError(f"this compact model was built without a {modality!r} projection")
+        projections = self.proj["shared" if self.shared else modality]
+        rows = rows.float()
+        parts = rows.split(widths, dim=-1) if len(widths) > 1 else [rows] * len(projections)
+        out = torch.stack([proj(x) for proj, x in zip(projections, parts)], dim=1)
+        if modality in self.pos_memory:
+            out = out + self.pos_memory[modality][: out.shape[2]]
+        return out
+
+    def memory_cache(self, memory: torch.Tensor):
+        """What decoding reads of the memory, computed once per query (per layer for the transformer)."""
+        memory = self.memory_drop(memory)
+        if self.decoder == "gru":
+            return self.gru.memory(memory)
+        return [layer.fusion.memory(memory) for layer in self.layers]
+
+    def decode(self, ids: torch.Tensor, caches, mask: torch.Tensor, *, group: int = 1, start: int = 0, past=None):
+        """Logits (N, t, V) of decoder inputs ``ids`` (N, t); N = B * group, item-major; returns the new ``past``."""
+        if self.decoder == "transformer":
+            return CartNetwork.decode(self, ids, caches, mask, group=group, start=start, past=past)
+        out, state = self.gru(self.drop(self.embed(ids)), caches, mask, group, past)
+        return self.head(self.norm(out)), state
+
+
+def _map_past(past, fn):
+    """Apply ``fn`` to every tensor of a decoder state (a tensor, or lists/tuples of them)."""
+    if isinstance(past, torch.Tensor):
+        return fn(past)
+    return type(past)(_map_past(p, fn) for p in past)
+
+
+# -- the backbone -----------------------------------------------------------------------------------
+class CompactBackbone(CartBackbone):
+    """A frozen, cached query encoder -> a small identifier decoder; the shared backbone of scheme comparisons.
+
+    Training and scoring (``forward``, ``loss_terms``, R-Drop, ``sequence_scores``) and the vocabulary
+    (``add_identifier_tokens``, ``init_token_embeddings``) are CART's, inherited.
+    """
+
+    name = "compact"
+    writes_text = False
+    #: the pipeline passes ``reserved_words=`` (a scheme's structure words) to :meth:`create`
+    builds_vocabulary = True
+    spells_words = True  # unlike CART's identifier-only tokenizer: words from the train captions + reserved words
+
+    @staticmethod
+    def needs_dense(options: dict[str, Any]) -> bool:
+        """The pipeline passes ``dense=`` (the trained dense baseline) to :meth:`create` when this is True."""
+        return options.get("encoder", DEFAULTS["encoder"]) == "aligned"
+
+    def __init__(self, tokenizer: Any, query_encoder: QueryEncoder, *, cache: EncodingCache | None = None, **options: Any):
+        opts = {**DEFAULTS, **options}
+        self._check_options(opts)
+        encoder = query_encoder
+        modalities = [m for m in MODALITIES if m != "feature" or int(opts["feature_dim"]) or encoder.aligned]
+        widths = {m: encoder.widths(m) for m in modalities}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(opts["seed"]))
+            network = CompactNetwork(
+                len(tokenizer), widths=widths, num_memory_layers=encoder.layers, shared=encoder.aligned,
+                positions=dict(encoder.positions), decoder=str(opts["decoder"]), d_model=int(opts["d_model"]),
+                num_layers=int(opts["num_layers"]), num_heads=int(opts["num_heads"]), ffn_dim=int(opts["ffn_dim"]),
+                dropout=float(opts["dropout"]), fusion=str(opts["fusion"]), max_id_tokens=int(opts["max_id_tokens"]),
+            )
+        GenerativeBackbone.__init__(self, network, tokenizer, max_text_tokens=int(opts["max_text_tokens"]))
+        self.opts = opts
+        self.query_encoder = encoder  # a plain object: its (frozen) weights are no part of this module's state
+        self.cache = ENCODINGS if cache is None else cache
+        self.num_memory_layers = encoder.layers
+        self.rdrop_weight = float(opts["rdrop_weight"])
+        self.seed = int(opts["seed"])
+        self.train_encoder = False
+        self._identifier_tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @staticmethod
+    def _check_options(o: dict[str, Any]) -> None:
+        unknown = sorted(set(o) - set(DEFAULTS))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown} for model 'compact'; known: {', '.join(DEFAULTS)}")
+        if o["encoder"] not in ENCODERS:
+            raise ConfigError(f"unknown model.encoder {o['encoder']!r}; choose one of {', '.join(ENCODERS)}")
+        if o["decoder"] not in DECODERS:
+            raise ConfigError(f"unknown model.decoder {o['decoder']!r}; choose one of {', '.join(DECODERS)}")
+        if o["fusion"] not in FUSIONS:
+            raise ConfigError(f"unknown model.fusion {o['fusion']!r}; choose one of {', '.join(FUSIONS)}")
+        for key in ("d_model", "num_layers", "num_heads", "ffn_dim", "max_text_tokens", "max_id_tokens",
+                    "image_size", "image_grid"):
+            if int(o[key]) < 1:
+                raise ConfigError(f"model.{key} must be a positive integer, got {o[key]}")
+        if int(o["d_model"]) % int(o["num_heads"]):
+            raise ConfigError(f"model.d_model ({o['d_model']}) must be divisible by model.num_heads ({o['num_heads']})")
+        if not 0.0 <= float(o["dropout"]) < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {o['dropout']}")
+        if float(o["rdrop_weight"]) < 0:
+            raise ConfigError(f"model.rdrop_weight must be >= 0 (0 disables R-Drop), got {o['rdrop_weight']}")
+        if int(o["vocab_size"]) < 0:
+            raise ConfigError(f"model.vocab_size must be >= 0 (corpus words in the vocabulary), got {o['vocab_size']}")
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, corpus: Corpus | None = None, *, dense: Any = None, reserved_words: Iterable[str] = (),
+               tokenizer: Any = None, cache: EncodingCache | None = None, **options: Any) -> CompactBackbone:
+        """A fresh decoder over the frozen ``encoder``; the word tokenizer is built from the train captions.
+
+        ``dense``: the trained dense baseline (``encoder=aligned``); ``reserved_words``: words the scheme's
+        identifiers use as structure, always in the vocabulary.
+        """
+        cls._check_options({**DEFAULTS, **options})
+        if corpus is not None and corpus.meta.get("feature_dim") and not options.get("feature_dim"):
+            options = {**options, "feature_dim": int(corpus.meta["feature_dim"])}
+        if tokenizer is None:
+            from gcr.models.tokenizer import train_corpus_tokenizer
+
+            texts = (c.text for c in corpus.captions("train")) if corpus is not None else ()
+            size = int(options.get("vocab_size", DEFAULTS["vocab_size"]))
+            tokenizer = train_corpus_tokenizer(texts, size, reserved_words=reserved_words)
+        opts = {**DEFAULTS, **options}
+        encoder = build_query_encoder(
+            str(opts["encoder"]), dense=dense, image_size=int(opts["image_size"]), image_grid=int(opts["image_grid"]),
+            max_text_tokens=int(opts["max_text_tokens"]), feature_dim=int(opts["feature_dim"]),
+        )
+        return cls(tokenizer, encoder, cache=cache, **options)
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.opts)
+
+    def load_vision_tower(self, vision_state: dict) -> None:
+        raise ConfigError("model 'compact' reads images with its frozen query encoder; remove model.vision_init")
+
+    def train(self, mode: bool = True) -> CompactBackbone:
+        nn.Module.train(self, mode)  # the query encoder is outside this module and always in eval mode
+        return self
+
+    # -- inputs -------------------------------------------------------------------------------
+    def batch(self, contents: Sequence[Content], targets: Sequence[Sequence[int]] | None = None
+              ) -> dict[str, torch.Tensor]:
+        """Model inputs from the cached encodings. Per modality ``m`` present: ``m_rows`` (N_m,) row positions,
+        ``m_memory`` (N_m, T_m, W_m) and ``m_mask`` (N_m, T_m). ``input_ids`` (B, 1) is a BOS placeholder (the
+        protocol's batch size); with ``targets``: ``decoder_input_ids`` and ``labels`` (CART's)."""
+        if not contents:
+            raise DataError("an empty batch: there is nothing to encode")
+        modalities = [c.modality for c in contents]
+        bad = sorted(set(modalities) - set(MODALITIES))
+        if bad:
+            raise ConfigError(f"model 'compact' reads text, images and stored feature vectors, not {bad}")
+        if any(m == "text" and not c.value.strip() for c, m in zip(contents, modalities)):
+            raise DataError("empty text input: every caption and query must contain words; fix or drop it")
+        encodings = self.cache.get(self.query_encoder, contents)
+        out: dict[str, torch.Tensor] = {
+            "input_ids": torch.full((len(contents), 1), self.tokenizer.bos_token_id, dtype=torch.long),
+            "attention_mask": torch.ones(len(contents), 1, dtype=torch.long),
+        }
+        for m in MODALITIES:
+            rows = [i for i, x in enumerate(modalities) if x == m]
+            if not rows:
+                continue
+            width = max(encodings[i].shape[0] for i in rows)
+            memory = encodings[rows[0]].new_zeros(len(rows), width, encodings[rows[0]].shape[1])
+            mask = torch.zeros(len(rows), width, dtype=torch.bool)
+            for j, i in enumerate(rows):
+                memory[j, : encodings[i].shape[0]] = encodings[i]
+                mask[j, : encodings[i].shape[0]] = True
+            out[f"{m}_rows"], out[f"{m}_memory"], out[f"{m}_mask"] = torch.tensor(rows), memory, mask
+        if targets is not None:
+            out.update(self._decoder_inputs(targets))
+        return out
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Memory (B, L, T, d) from the cached encodings, padded rows zero, and its mask (B, T), True = real."""
+        B = batch["input_ids"].shape[0]
+        parts = [(batch[f"{m}_rows"], self.model.project(m, batch[f"{m}_memory"]), batch[f"{m}_mask"])
+                 for m in MODALITIES if f"{m}_rows" in batch]
+        if len(parts) == 1 and parts[0][1].shape[0] == B:
+            _, memory, mask = parts[0]
+            return memory * mask[:, None, :, None], mask
+        T = max(p[1].shape[2] for p in parts)
+        first = parts[0][1]
+        memory = first.new_zeros(B, first.shape[1], T, first.shape[-1])
+        mask = torch.zeros(B, T, dtype=torch.bool, device=first.device)
+        for rows, part, part_mask in parts:
+            memory[rows, :, : part.shape[2]] = part * part_mask[:, None, :, None]
+            mask[rows, : part.shape[2]] = part_mask
+        return memory, mask
+
+    # -- decoding -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, batch: dict[str, torch.Tensor], *, logits_processor: Any, num_beams: int,
+                 max_new_tokens: int, synced_gpus: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Constrained beam search under the processor's trie: ``(tokens (B*K, T), scores (B*K,))``, as CART's."""
+        from gcr.decoding import TrieLogitsProcessor, constrained_beam_search
+
+        if synced_gpus:
+            raise ConfigError("model 'compact' does not support sharded strategies (FSDP/DeepSpeed); use ddp")
+        processors = logits_processor if isinstance(logits_processor, Sequence) else [logits_processor]
+        processor = next((p for p in processors if isinstance(p, TrieLogitsProcessor)), None)
+        if processor is None:
+            raise ConfigError("model 'compact' decodes under a trie: pass a TrieLogitsProcessor in logits_processor")
+        trie, eos = processor.trie, processor.eos_token_id
+        if eos != self.tokenizer.eos_token_id:
+            raise ConfigError(f"the trie's end token ({eos}) is not the tokenizer's EOS ({self.tokenizer.eos_token_id}); "
+                              "model 'compact' cannot write rationales: set rgs.enabled=false")
+        if trie.max_length > int(self.opts["max_id_tokens"]):
+            raise ConfigError(f"identifiers of {trie.max_length} tokens exceed model.max_id_tokens; raise it")
+        B, K = batch["input_ids"].shape[0], int(num_beams)
+        memory, mask = self.encode(batch)
+        caches = self.model.memory_cache(memory)
+        bos = self.tokenizer.bos_token_id
+
+        def step(tokens: torch.Tensor, past):
+            t = tokens.shape[1]
+            if t == 0:  # every beam of a query starts from BOS: decode one row per query, then copy it K times
+                logits, present = self.model.decode(tokens.new_full((B, 1), bos), caches, mask)
+                present = _map_past(present, lambda x: x.repeat_interleave(K, 0))
+                return logits[:, -1].float().log_softmax(-1).repeat_interleave(K, 0), present
+            logits, present = self.model.decode(tokens[:, -1:], caches, mask, group=K, start=t, past=past)
+            return logits[:, -1].float().log_softmax(-1), present
+
+        found = constrained_beam_search(step, trie, B, K, max_new_tokens,
+                                        reorder_fn=lambda past, idx: _map_past(past, lambda x: x[idx]))
+        table = self._identifier_table(trie)
+        missing = found.identifiers < 0
+        tokens = table[found.identifiers.clamp(min=0)].masked_fill(missing[..., None], eos)
+        return tokens.view(B * K, -1), found.scores.masked_fill(missing, _FILLER).view(-1)
+
+    def generate_text(self, batch, *, num_beams: int = 3, max_new_tokens: int = 32) -> list[str]:
+        raise ConfigError(
+            "model 'compact' only writes identifiers; it cannot caption (gcr captions with a tiny model instead)"
+        )
+
+    # -- persistence --------------------------------------------------------------------------
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+
+    def save(self, directory: str | Path) -> Path:
+        """``model.safetensors`` (the decoder), the tokenizer, ``backbone.json``; ``dense/`` for ``aligned``."""
+        directory = Path(directory)
+        super().save(directory)
+        dense = getattr(self.query_encoder, "dense", None)
+        if dense is not None:
+            dense.save(directory / DENSE_DIR)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, cache: EncodingCache | None = None) -> CompactBackbone:
+        """Rebuild what :meth:`save` wrote (the pretrained towers come from the packages)."""
+        from safetensors.torch import load_file
+        from transformers import PreTrainedTokenizerFast
+
+        from gcr.artifacts import read_json
+
+        directory = Path(directory)
+        meta = dict(read_json(directory / BACKBONE_FILE, what="backbone description"))
+        if meta.pop("name", cls.name) != cls.name:
+            raise ArtifactError(f"{directory} does not hold a 'compact' backbone")
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
+        dense = _load_dense(directory / DENSE_DIR) if meta.get("encoder") == "aligned" else None
+        backbone = cls.create(None, dense=dense, tokenizer=tokenizer, cache=cache, **meta)
+        try:
+            state = load_file(str(directory / WEIGHTS_FILE))
+        except Exception as exc:
+            raise ArtifactError(f"{directory / WEIGHTS_FILE} could not be read ({exc})") from exc
+        expected = set(backbone.trained_state())
+        if set(state) != expected:
+            raise ArtifactError(
+                f"{directory} does not fit a 'compact' backbone with its options: missing "
+                f"{sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]}"
+            )
+        backbone.load_state_dict(state)
+        return backbone.eval()
+
+
+def _load_dense(directory: Path):
+    """The dense baseline saved beside an ``aligned`` backbone (CLIP-style or frozen-tower)."""
+    from gcr.dense.frozen import FROZEN_DENSE_FILE, FrozenTowerDualEncoder
+    from gcr.dense.models import DENSE_FILE, DualEncoder
+
+    if (directory / DENSE_FILE).is_file():
+        return DualEncoder.from_pretrained(directory)
+    if (directory / FROZEN_DENSE_FILE).is_file():
+        return FrozenTowerDualEncoder.from_pretrained(directory)
+    raise ArtifactError(f"{directory} holds no dense baseline; the 'aligned' encoder needs it (re-run the fit)")
