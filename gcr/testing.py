@@ -47,7 +47,7 @@ import numpy as np
 from gcr.data.corpus import Content, Target
 from gcr.errors import ConfigError, IdentifierError
 from gcr.schemes.base import IdentifierScheme
-from gcr.schemes.options import SchemeRequirements
+from gcr.schemes.helpers.options import SchemeRequirements
 
 #: the CLI budget: seconds, not a result worth reading
 CLI_BUDGET = (

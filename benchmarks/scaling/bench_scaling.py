@@ -192,7 +192,7 @@ def keybert(captions: list[str], args: argparse.Namespace) -> dict:
             "(KeyBERT over MiniLM is slow on a CPU; raise --keybert-max to run it)"
         }
     from gcr.encoders import MiniLMTextEncoder
-    from gcr.schemes.keywords import KeywordExtractor
+    from gcr.schemes.helpers.keywords import KeywordExtractor
 
     encoder = MiniLMTextEncoder(device=args.device)
     with Clock(args.device) as load:

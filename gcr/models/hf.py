@@ -31,6 +31,7 @@ from torch import nn
 from gcr.data.corpus import Content
 from gcr.errors import ArtifactError, ConfigError, DataError
 from gcr.models.base import BACKBONE_FILE, IGNORE_INDEX, GenerativeBackbone, unreadable_modality
+from gcr.models.lora import lora_config, lora_options
 
 #: ``{query}`` is replaced by the query: the caption text, or the image (a chat template's image item, or the
 #: processor's image token in a plain prompt). The identifier follows the prompt (with a chat template: after
@@ -61,26 +62,6 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ConfigError(f"unknown model.dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
     return _DTYPES[dtype]
-
-
-def lora_options(lora: dict[str, Any] | None) -> dict[str, Any]:
-    """The LoRA options over their defaults; unknown keys are a :class:`ConfigError`."""
-    lora = dict(lora or {})
-    unknown = sorted(set(lora) - set(LORA_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"unknown model.lora option(s) {unknown}; known: {sorted(LORA_DEFAULTS)}")
-    out = {**LORA_DEFAULTS, **lora}
-    if isinstance(out["target_modules"], (list, tuple)):
-        out["target_modules"] = [str(t) for t in out["target_modules"]]
-        if not out["target_modules"]:
-            raise ConfigError(
-                "model.lora.target_modules is empty; name modules (e.g. [q_proj, v_proj]) or use all-linear"
-            )
-    elif not isinstance(out["target_modules"], str):
-        raise ConfigError("model.lora.target_modules must be a list of module names, 'all-linear' or a regex")
-    if out["modules_to_save"] is not None:
-        out["modules_to_save"] = [str(m) for m in out["modules_to_save"]]
-    return out
 
 
 def _load_kwargs(path: str, trust_remote_code: bool) -> dict[str, Any]:
@@ -203,7 +184,7 @@ class HFBackbone(GenerativeBackbone):
             path = str(Path(path).expanduser().resolve())  # recorded in backbone.json: independent of the cwd
         elif path.startswith((".", "/", "~")):
             raise ConfigError(f"model.path={path!r} is not a folder; pass model.path=<hub name or folder>")
-        lora = lora_options(lora)
+        lora = lora_options(lora, LORA_DEFAULTS)
         _split_prompt(prompt)  # fail fast on a malformed prompt
         processor = _load_processor(path, trust_remote_code)
         model = _load_model(path, resolve_dtype(dtype), trust_remote_code)
@@ -231,7 +212,7 @@ class HFBackbone(GenerativeBackbone):
                 f"{directory} holds a {name!r} backbone, not 'hf'; load it with that backbone"
             )
         new_token_ids = options.pop("new_token_ids", [])
-        lora = lora_options(options.get("lora"))
+        lora = lora_options(options.get("lora"), LORA_DEFAULTS)
         trust = bool(options.get("trust_remote_code", False))
         processor = _load_processor(str(directory), trust)
         dtype = resolve_dtype(options.get("dtype", "auto"))
@@ -309,18 +290,15 @@ class HFBackbone(GenerativeBackbone):
         return None, [n for n in (embed_name, head_name) if n]  # unusual layers: train them whole
 
     def _wrap_lora(self, model: nn.Module) -> Any:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         token_indices, whole = self._token_targets(model)
         modules_to_save = list(self.lora["modules_to_save"] or []) + whole
-        config = LoraConfig(
-            r=int(self.lora["r"]),
-            lora_alpha=float(self.lora["alpha"]),
-            lora_dropout=float(self.lora["dropout"]),
-            target_modules=self._lora_target_regex(model),
+        config = lora_config(
+            self.lora,
+            self._lora_target_regex(model),
             modules_to_save=modules_to_save or None,
             trainable_token_indices=token_indices,
-            bias="none",
         )
         return get_peft_model(model, config)
 

@@ -1,6 +1,6 @@
 """Backbone ``smol``: a small real MLLM assembled offline from two pretrained parts.
 
-* ``llm``: SmolLM2-135M-Instruct (``LlamaForCausalLM``, float32), from :func:`gcr.models.smollm.load_smollm2`;
+* ``llm``: SmolLM2-135M-Instruct (``LlamaForCausalLM``, float32), from :func:`gcr.models.smollm2_weights.load_smollm2`;
 * ``vision``: EfficientNet-Lite0 (:class:`~gcr.encoders.efficientnet.EfficientNetImageEncoder`), frozen;
 * ``projector``: ``Linear(1280, H) -> GELU -> Linear(H, H)`` (``H`` = the LLM's hidden size, 576), always trained.
 
@@ -49,6 +49,7 @@ from torch import nn
 from gcr.data.corpus import Content, Corpus
 from gcr.errors import ArtifactError, ConfigError, DataError
 from gcr.models.base import BACKBONE_FILE, IGNORE_INDEX, GenerativeBackbone, unreadable_modality
+from gcr.models.lora import lora_config, lora_options
 
 IMAGE_TOKEN = "<image>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -65,22 +66,12 @@ DEFAULT_LORA: dict[str, Any] = {
 }
 
 
-def lora_options(lora: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Validated LoRA options (defaults filled in), or ``None`` for full fine-tuning."""
+def _lora_or_none(lora: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Checked LoRA options (:func:`gcr.models.lora.lora_options`), or ``None`` for full fine-tuning."""
     if lora is None:
         return None
-    if not isinstance(lora, dict):
-        raise ConfigError(f"model.lora must be a mapping (or null), got {type(lora).__name__}")
-    unknown = sorted(set(lora) - set(DEFAULT_LORA))
-    if unknown:
-        raise ConfigError(f"unknown model.lora option(s) {unknown}; known: {sorted(DEFAULT_LORA)}")
-    options = {**DEFAULT_LORA, **lora}
-    if not options["enabled"]:
-        return None
-    options["target_modules"] = list(options["target_modules"])
-    if int(options["r"]) < 1 or not options["target_modules"]:
-        raise ConfigError("model.lora needs r >= 1 and at least one target module")
-    return options
+    options = lora_options(lora, DEFAULT_LORA)
+    return options if options["enabled"] else None
 
 
 @contextlib.contextmanager
@@ -126,7 +117,7 @@ class SmolBackbone(GenerativeBackbone):
         if tokenizer.eos_token_id is None or tokenizer.eos_token_id != tokenizer.convert_tokens_to_ids(IM_END):
             raise ConfigError(f"the tokenizer's EOS must be {IM_END!r}: identifiers end with it")
         super().__init__(llm, tokenizer, num_image_tokens=num_image_tokens, max_text_tokens=max_text_tokens)
-        self.lora = lora_options(lora)
+        self.lora = _lora_or_none(lora)
         self.cache_dir = None if cache_dir is None else str(cache_dir)
         self.pool_size = side
         tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)  # a no-op for a saved tokenizer
@@ -160,7 +151,7 @@ class SmolBackbone(GenerativeBackbone):
         vocab_size: int | None = None,
         **unknown: Any,
     ) -> SmolBackbone:
-        """The pretrained SmolLM2 (converted cache, see :mod:`gcr.models.smollm`) and EfficientNet-Lite0.
+        """The pretrained SmolLM2 (converted cache, see :mod:`gcr.models.smollm2_weights`) and EfficientNet-Lite0.
 
         ``lora=None`` takes the defaults (LoRA r=16 on q/k/v/o); ``{"enabled": False}`` trains the whole LLM.
         ``vocab_size`` exists for config compatibility only: SmolLM2's own tokenizer is used.
@@ -173,7 +164,7 @@ class SmolBackbone(GenerativeBackbone):
         if vocab_size is not None:
             raise ConfigError("model 'smol' uses SmolLM2's tokenizer; set model.vocab_size=null")
         lora = {**DEFAULT_LORA, **(lora or {})}
-        lora_options(lora)  # fail before loading anything
+        lora_options(lora, DEFAULT_LORA)  # fail before loading anything
         llm, tokenizer = cls._load_base(cache_dir)
         vision = cls._load_vision(image_size)
         return cls(
@@ -183,7 +174,7 @@ class SmolBackbone(GenerativeBackbone):
 
     @staticmethod
     def _load_base(cache_dir: str | None):
-        from gcr.models.smollm import load_smollm2
+        from gcr.models.smollm2_weights import load_smollm2
 
         try:
             return load_smollm2(cache_dir)
@@ -251,15 +242,12 @@ class SmolBackbone(GenerativeBackbone):
         """Apply LoRA (once; a no-op for full fine-tuning or when already applied)."""
         if self.prepared:
             return
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        config = LoraConfig(
-            r=int(self.lora["r"]),
-            lora_alpha=float(self.lora["alpha"]),
-            lora_dropout=float(self.lora["dropout"]),
-            target_modules=list(self.lora["target_modules"]),
+        config = lora_config(
+            self.lora,
+            self.lora["target_modules"],
             trainable_token_indices=self._token_indices(),
-            bias="none",
             task_type="CAUSAL_LM",
         )
         with _quiet_peft():
@@ -419,7 +407,7 @@ class SmolBackbone(GenerativeBackbone):
         meta.pop("name", None)
         new_token_ids = [int(i) for i in meta.pop("new_token_ids", [])]
         image_size = meta.pop("image_size", 224)
-        lora = lora_options(meta.pop("lora", None))
+        lora = _lora_or_none(meta.pop("lora", None))
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         if lora is None:
             llm = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, local_files_only=True)

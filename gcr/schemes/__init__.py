@@ -1,8 +1,15 @@
-"""Identifier schemes. Built-ins are registered lazily in :mod:`gcr.registry`."""
+"""Identifier schemes. Built-ins are registered lazily in :mod:`gcr.registry`.
+
+The schemes: :mod:`~gcr.schemes.atomic`, :mod:`~gcr.schemes.hkmeans`, :mod:`~gcr.schemes.semcore`,
+:mod:`~gcr.schemes.ssi` and :mod:`~gcr.schemes.cart`, each a subclass of
+:class:`~gcr.schemes.base.IdentifierScheme` (:mod:`~gcr.schemes.base`, the interface). What they share
+lives in :mod:`gcr.schemes.helpers` (options and requirements, prefix counter, K-Means, words, concepts,
+keywords); plugins import the public names from here.
+"""
 
 from gcr.schemes.base import IdentifierScheme, SchemeContext
-from gcr.schemes.options import SchemeOptions, SchemeRequirements, invalid, option
-from gcr.schemes.suffixes import PrefixCounter
+from gcr.schemes.helpers.options import SchemeOptions, SchemeRequirements, invalid, option
+from gcr.schemes.helpers.suffixes import PrefixCounter
 
 __all__ = [
     "IdentifierScheme", "PrefixCounter", "SchemeContext", "SchemeOptions", "SchemeRequirements", "build_scheme", "invalid", "option",

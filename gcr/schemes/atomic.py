@@ -10,7 +10,7 @@ import numpy as np
 
 from gcr.data.corpus import Target
 from gcr.schemes.base import IdentifierScheme
-from gcr.schemes.options import SchemeOptions
+from gcr.schemes.helpers.options import SchemeOptions
 
 
 class AtomicScheme(IdentifierScheme):

@@ -19,7 +19,7 @@ import numpy as np
 
 from gcr.data.corpus import Target
 from gcr.errors import ConfigError
-from gcr.schemes.options import SchemeOptions, SchemeRequirements
+from gcr.schemes.helpers.options import SchemeOptions, SchemeRequirements
 
 #: the old per-scheme flags, now fields of :class:`SchemeRequirements`
 _FLAGS = {
@@ -50,8 +50,8 @@ class IdentifierScheme(ABC):
     """Base class of every identifier scheme (built-in or plugin).
 
     A subclass sets ``name``, a one-line docstring (shown by ``gcr schemes``), ``Options`` (a dataclass
-    subclass of :class:`~gcr.schemes.options.SchemeOptions`, one field per option) and ``requires`` (a
-    :class:`~gcr.schemes.options.SchemeRequirements`; override the :attr:`requirements` property when it
+    subclass of :class:`~gcr.schemes.helpers.options.SchemeOptions`, one field per option) and ``requires`` (a
+    :class:`~gcr.schemes.helpers.options.SchemeRequirements`; override the :attr:`requirements` property when it
     depends on the options). It is built as ``SchemeClass(seed=..., **options)``; options are read as
     ``self.options.NAME`` (or ``self.NAME``). :func:`gcr.testing.check_scheme` checks the whole contract.
     """

@@ -39,9 +39,9 @@ from vector_quantize_pytorch import ResidualVQ
 from gcr.data.corpus import Target
 from gcr.errors import ConfigError
 from gcr.schemes.base import IdentifierScheme
-from gcr.schemes.clustering import kmeans, nearest_centroid
-from gcr.schemes.options import SchemeOptions, SchemeRequirements, option
-from gcr.schemes.suffixes import PrefixCounter
+from gcr.schemes.helpers.clustering import kmeans, nearest_centroid
+from gcr.schemes.helpers.options import SchemeOptions, SchemeRequirements, option
+from gcr.schemes.helpers.suffixes import PrefixCounter
 
 log = logging.getLogger(__name__)
 Prefix = tuple[int, ...]

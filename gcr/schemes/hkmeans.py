@@ -18,9 +18,9 @@ import numpy as np
 from gcr.data.corpus import Target
 from gcr.errors import ConfigError
 from gcr.schemes.base import IdentifierScheme
-from gcr.schemes.clustering import kmeans
-from gcr.schemes.options import SchemeOptions, SchemeRequirements, option
-from gcr.schemes.suffixes import PrefixCounter
+from gcr.schemes.helpers.clustering import kmeans
+from gcr.schemes.helpers.options import SchemeOptions, SchemeRequirements, option
+from gcr.schemes.helpers.suffixes import PrefixCounter
 
 Path_ = tuple[int, ...]
 

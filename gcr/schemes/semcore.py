@@ -3,7 +3,7 @@
 * **Global ID** -- K-Means over the targets' description embeddings (MiniLM; or the pipeline's target
   features with ``global_features=target``); every cluster is *named* by its ``global_words``
   highest-weight words, ``w(x, c) = tf(x, c) * log(1 + A / f_x)``
-  (:func:`gcr.schemes.words.cluster_word_weights`).
+  (:func:`gcr.schemes.helpers.words.cluster_word_weights`).
 * **Lexical ID** -- KeyBERT keywords of the target's description (``keywords=mmr|maxsum|cosine``),
   without the words already in its global ID.
 
@@ -28,10 +28,10 @@ import numpy as np
 from gcr.data.corpus import Target
 from gcr.errors import ConfigError
 from gcr.schemes.base import IdentifierScheme
-from gcr.schemes.clustering import kmeans, nearest_centroid
-from gcr.schemes.options import SchemeOptions, SchemeRequirements, invalid, option
-from gcr.schemes.suffixes import PrefixCounter
-from gcr.schemes.words import (
+from gcr.schemes.helpers.clustering import kmeans, nearest_centroid
+from gcr.schemes.helpers.options import SchemeOptions, SchemeRequirements, invalid, option
+from gcr.schemes.helpers.suffixes import PrefixCounter
+from gcr.schemes.helpers.words import (
     Spellable,
     name_clusters,
     require_descriptions,
@@ -147,7 +147,7 @@ class SemcoreScheme(IdentifierScheme):
         """Per target: its lexical words and spare keywords (for suffixes), global words removed."""
         if self.lexical_words == 0 and self.collisions == "verify":
             return [([], []) for _ in descriptions]
-        from gcr.schemes.keywords import KeywordExtractor
+        from gcr.schemes.helpers.keywords import KeywordExtractor
 
         extractor = KeywordExtractor(self._encoder().model, method=self.keywords, diversity=self.diversity)
         top_n = self.lexical_words + (self.global_words if self.parts != "lexical" else 0) + SPARE_KEYWORDS

@@ -8,9 +8,9 @@ case, sorted within a field) so that equal meanings give equal identifiers, and 
 Generators:
 
 * ``parser`` -- a deterministic concept extractor over the target's description
-  (:mod:`gcr.schemes.concepts`: spaCy when installed, else a lexicon learned from the descriptions).
+  (:mod:`gcr.schemes.helpers.concepts`: spaCy when installed, else a lexicon learned from the descriptions).
 * ``mllm`` -- the run's backbone is prompted with the target (image) and its description and the answer
-  is parsed into fields (:func:`~gcr.schemes.concepts.parse_fields`); an unusable answer is retried with a
+  is parsed into fields (:func:`~gcr.schemes.helpers.concepts.parse_fields`); an unusable answer is retried with a
   stricter prompt, then falls back to the parser. :meth:`SsiScheme.stats` counts each outcome.
 
 Collisions: the target's next most specific concept is added, then a number. Every target also gets a
@@ -35,10 +35,10 @@ import numpy as np
 from gcr.data.corpus import Target
 from gcr.errors import ConfigError
 from gcr.schemes.base import IdentifierScheme, SchemeContext
-from gcr.schemes.concepts import ROLES, LexiconConcepts, build_extractor, parse_fields
-from gcr.schemes.options import SchemeOptions, SchemeRequirements, invalid, option
-from gcr.schemes.suffixes import PrefixCounter
-from gcr.schemes.words import Spellable, require_descriptions, spelled_number, tokenizer_spelling
+from gcr.schemes.helpers.concepts import ROLES, LexiconConcepts, build_extractor, parse_fields
+from gcr.schemes.helpers.options import SchemeOptions, SchemeRequirements, invalid, option
+from gcr.schemes.helpers.suffixes import PrefixCounter
+from gcr.schemes.helpers.words import Spellable, require_descriptions, spelled_number, tokenizer_spelling
 
 log = logging.getLogger("gcr")
 #: Words of :func:`template_rationale` (a corpus-built tokenizer reserves them, like the field names).

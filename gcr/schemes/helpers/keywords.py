@@ -13,7 +13,7 @@ import numpy as np
 from sklearn.feature_extraction.text import CountVectorizer
 
 from gcr.errors import ConfigError
-from gcr.schemes.words import Spellable
+from gcr.schemes.helpers.words import Spellable
 
 DIVERSITY_METHODS = ("cosine", "mmr", "maxsum")
 
