@@ -33,10 +33,9 @@ identifier prefix.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-import re
 
 import torch
 from torch.nn import functional as F
