@@ -62,6 +62,17 @@ def reserved_words(mode: str = "likelihood", prompt: str = DEFAULT_PROMPT) -> li
     return list(dict.fromkeys([*re.findall(r"\w+|[^\w\s]", prompt.replace("{text}", " ")), *ANSWERS]))
 
 
+def describe(mode: str, prompt: str, weight: float, top_k: int) -> dict:
+    """The verification mode and how its score is combined with the generation score, for the results."""
+    verify = (f"log p(yes) over {{yes, no}} after the prompt {prompt!r}" if mode == "prompt"
+              else "log softmax over the verified candidates of the mean log p(marker + text | image)")
+    return {
+        "mode": mode, "weight": float(weight), "top_k": int(top_k),
+        "combination": "log softmax over the verified candidates of the generation score "
+                       f"+ weight * [{verify}]; targets tied with the top_k-th are verified too",
+    }
+
+
 @dataclass(frozen=True)
 class VerificationPair:
     """A training triple: an image, a caption that describes it, and a hard negative caption."""
@@ -104,13 +115,7 @@ class GenerativeVerifier:
 
     def describe(self) -> dict:
         """How the +gsv scores were made (recorded in the results' index stats)."""
-        verify = ("log p(yes) over {yes, no} after the prompt " + repr(self.prompt) if self.mode == "prompt"
-                  else "log softmax over the verified candidates of the mean log p(marker + text | image)")
-        return {
-            "mode": self.mode, "weight": self.weight, "top_k": self.top_k,
-            "combination": "log softmax over the verified candidates of the generation score "
-                           f"+ weight * [{verify}]; targets tied with the top_k-th are verified too",
-        }
+        return describe(self.mode, self.prompt, self.weight, self.top_k)
 
     # -- inputs -------------------------------------------------------------------------------
     def _marker_ids(self) -> list[int]:

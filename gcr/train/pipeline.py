@@ -326,10 +326,9 @@ def _rows(cfg: DictConfig, direction: str, results: dict, train_seconds, stats: 
     rows = [ResultRow(method, "generative", direction, dict(results["test"]), train_seconds, index=stats, seed=seed,
                       per_query=per_query.get("test"))]
     if "test" + VERIFIED in results:
-        from gcr.heads.verification import GenerativeVerifier
+        from gcr.heads.verification import describe
 
-        g = cfg.gsv  # how the +gsv scores were combined, recorded beside the index stats
-        gsv = GenerativeVerifier(None, weight=float(g.weight), top_k=int(g.top_k), **_gsv_mode(cfg)).describe()
+        gsv = describe(**_gsv_mode(cfg), weight=float(cfg.gsv.weight), top_k=int(cfg.gsv.top_k))  # how scores combine
         rows.append(ResultRow(method + VERIFIED, "generative", direction, dict(results["test" + VERIFIED]),
                               train_seconds, index={**stats, "gsv": gsv}, seed=seed,
                               per_query=per_query.get("test" + VERIFIED)))
