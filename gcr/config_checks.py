@@ -28,7 +28,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from gcr.errors import ConfigError, GcrError
 
 DIRECTIONS = ("t2i", "i2t")
-GSV_MODES = ("likelihood", "prompt")  # gcr.verification.MODES (kept here: composing a config imports no torch)
+GSV_MODES = ("likelihood", "prompt")  # gcr.heads.verification.MODES (kept here: composing a config imports no torch)
 
 #: Root keys gcr reads itself, with their allowed range: (low, high, low inclusive). Options of schemes
 #: and backbones are checked by the schemes and backbones.

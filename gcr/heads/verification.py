@@ -54,7 +54,7 @@ ANSWERS = ("yes", "no")
 def reserved_words(mode: str = "likelihood", prompt: str = DEFAULT_PROMPT) -> list[str]:
     """Words a corpus-built tokenizer must hold for verification: the prompt's words and the answers.
 
-    Passed to the backbone's tokenizer with the scheme's reserved words (``_build_backbone``); a
+    Passed to the backbone's tokenizer with the scheme's reserved words (``build_backbone``); a
     pretrained tokenizer spells them anyway. Likelihood mode needs only its marker (always reserved).
     """
     if mode != "prompt":
@@ -141,7 +141,7 @@ class GenerativeVerifier:
                 from gcr.errors import ConfigError
 
                 raise ConfigError(f"gsv.mode=prompt: the model's tokenizer has no single token for {word!r}; "
-                                  "a corpus tokenizer must be built with gcr.verification.reserved_words()")
+                                  "a corpus tokenizer must be built with gcr.heads.verification.reserved_words()")
         return out[0], out[1]
 
     def _question_ids(self, text: str) -> list[int]:
@@ -152,7 +152,7 @@ class GenerativeVerifier:
             from gcr.errors import ConfigError
 
             raise ConfigError(f"the model's tokenizer cannot spell every word of gsv.prompt={self.prompt!r}; "
-                              "a corpus tokenizer must be built with gcr.verification.reserved_words()")
+                              "a corpus tokenizer must be built with gcr.heads.verification.reserved_words()")
         body = tok(text, add_special_tokens=False)["input_ids"][: self.max_text_tokens]
         return [*fixed[0], *body, *fixed[1]]
 
