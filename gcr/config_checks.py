@@ -28,6 +28,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from gcr.errors import ConfigError, GcrError
 
 DIRECTIONS = ("t2i", "i2t")
+GSV_MODES = ("likelihood", "prompt")  # gcr.heads.verification.MODES (kept here: composing a config imports no torch)
 
 #: Root keys gcr reads itself, with their allowed range: (low, high, low inclusive). Options of schemes
 #: and backbones are checked by the schemes and backbones.
@@ -102,6 +103,9 @@ def check_values(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
         if bad or not directions:
             raise ConfigError(f"directions={list(directions) if isinstance(directions, ListConfig) else directions} "
                               f"is not valid: give a non-empty list of {', '.join(DIRECTIONS)}, e.g. directions=[t2i]")
+    mode = OmegaConf.select(cfg, "gsv.mode")
+    if mode is not None and mode not in GSV_MODES:
+        raise ConfigError(f"gsv.mode={mode} is not valid: use one of {', '.join(GSV_MODES)}")
     ks = OmegaConf.select(cfg, "eval.ks")
     if ks is not None and (not isinstance(ks, ListConfig) or not ks or any(not _is_int(k) or k < 1 for k in ks)):
         raise ConfigError(f"eval.ks={ks} is not valid: give a list of positive integers, e.g. eval.ks=[1,5,10]")

@@ -428,3 +428,30 @@ def test_semcore_rejects_bad_options():
         with pytest.raises(ConfigError):
             SemcoreScheme(**options)
     assert SemcoreScheme(collisions="verify").config() == {**SemcoreScheme().config(), "collisions": "verify"}
+
+
+def test_semantic_dedup_drops_lexical_words_close_to_the_global_words(encoder, shapes, fitted_both):
+    _, targets = shapes
+    threshold = 0.5
+    exact_scheme, exact_sids = fitted_both  # dedup=exact (the default)
+    scheme = _scheme(encoder, num_clusters=5, global_words=2, lexical_words=3, parts="both", dedup="semantic",
+                     dedup_threshold=threshold)
+    sids = scheme.fit(targets)
+    assert scheme.cluster_names() == exact_scheme.cluster_names()  # dedup touches the lexical part only
+
+    def close_pairs(sid: str) -> list[tuple[str, str, float]]:
+        global_part, lexical_part = sid.split(SEP)
+        lexical = [w for w in lexical_part.split() if not w.isdigit()]
+        names = global_part.split()
+        vectors = encoder.encode_text([*names, *lexical]).numpy()
+        return [(w, n, float(vectors[len(names) + i] @ vectors[j])) for i, w in enumerate(lexical)
+                for j, n in enumerate(names) if float(vectors[len(names) + i] @ vectors[j]) >= threshold]
+
+    # the premise: exact dedup keeps keywords that mean nearly the same as a global word
+    assert any(close_pairs(sid) for sid in exact_sids)
+    assert all(not close_pairs(sid) for sid in sids), [(sid, close_pairs(sid)) for sid in sids if close_pairs(sid)]
+    assert scheme.config()["dedup"] == "semantic" and scheme.config()["dedup_threshold"] == threshold
+    with pytest.raises(ConfigError, match="dedup"):
+        SemcoreScheme(dedup="fuzzy")
+    with pytest.raises(ConfigError, match="dedup_threshold"):
+        SemcoreScheme(dedup="semantic", dedup_threshold=1.5)

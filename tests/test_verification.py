@@ -1,12 +1,16 @@
 """Generative Semantic Verification (GSV): scoring, re-ranking, training loss, hard negatives, pipeline rows.
 
-Real parts only: a tiny LLaVA backbone (random init) on generated shapes images, its word-level tokenizer,
-and a one-epoch pipeline run.
+Real parts only: a tiny LLaVA backbone (random init) on generated shapes images, its word-level tokenizer
+(built with the verifier's reserved words for prompt mode), the trie decoder over shared identifiers, the
+``gcr`` command line as a subprocess, and a one-epoch pipeline run.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,9 +19,13 @@ import torch
 from gcr.data.corpus import Content, Query, RetrievalTask, Target, retrieval_task
 from gcr.data.sources import load_shapes
 from gcr.errors import ConfigError
-from gcr.heads.verification import GenerativeVerifier, hard_negative_pairs
+from gcr.heads.verification import MODES, GenerativeVerifier, hard_negative_pairs, reserved_words
+from gcr.index import IdentifierIndex
 from gcr.models.base import IGNORE_INDEX
 from gcr.models.tiny import TinyBackbone
+from gcr.models.tokenizer import train_corpus_tokenizer
+from gcr.retrieval import ConstrainedRetriever
+from gcr.schemes.base import IdentifierScheme
 
 TINY = dict(
     vocab_size=200, hidden_size=64, num_layers=1, num_heads=2, vision_hidden_size=32, vision_layers=1,
@@ -31,9 +39,22 @@ def corpus(tmp_path_factory):
     return load_shapes(str(tmp_path_factory.mktemp("shapes20")), num_images=20)
 
 
-def _backbone(corpus, seed: int = 0) -> TinyBackbone:
+def _backbone(corpus, seed: int = 0, words=()) -> TinyBackbone:
     torch.manual_seed(seed)
-    return TinyBackbone.create(corpus, **TINY).eval()
+    tokenizer = train_corpus_tokenizer((c.text for c in corpus.captions("train")), TINY["vocab_size"],
+                                       reserved_words=words)
+    options = {k: v for k, v in TINY.items() if k != "vocab_size"}
+    return TinyBackbone.create(corpus, tokenizer=tokenizer, **options).eval()
+
+
+def _prompt_backbone(corpus, seed: int = 0) -> TinyBackbone:
+    """A tiny backbone whose corpus tokenizer spells the verification prompt and yes/no (as the pipeline builds it)."""
+    return _backbone(corpus, seed, reserved_words("prompt"))
+
+
+@pytest.fixture(scope="module")
+def prompt_backbone(corpus):
+    return _prompt_backbone(corpus)
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +93,10 @@ def test_rerank_reorders_only_the_top_k_by_the_combined_score(backbone, t2i):
         assert after[4:] == before[4:] and combined[4:] == gen[4:]  # past top_k: untouched
         assert set(after[:4]) == set(before[:4])
         assert combined[:4] == sorted(combined[:4], reverse=True)
-        # every head score is the generation score + weight * the pair's own verification score
-        verified = verifier.score([contents[t] for t in before[:4]], [query.value] * 4).tolist()
-        expected = {t: g + v for t, g, v in zip(before[:4], gen, verified)}
+        # every head score: log p_gen + weight * log p_verify, both normalised over the 4 verified candidates
+        verified = verifier.score([contents[t] for t in before[:4]], [query.value] * 4).double()
+        log_gen = torch.tensor(gen[:4], dtype=torch.float64).log_softmax(0)
+        expected = {t: g + v for t, g, v in zip(before[:4], log_gen.tolist(), verified.log_softmax(0).tolist())}
         for t, s in zip(after[:4], combined[:4]):
             assert s == pytest.approx(expected[t], abs=1e-5)
 
@@ -82,19 +104,22 @@ def test_rerank_reorders_only_the_top_k_by_the_combined_score(backbone, t2i):
 def test_rerank_with_equal_generation_scores_follows_the_verifier_and_weight_zero_changes_nothing(backbone, t2i):
     queries, targets, scores = _candidates(t2i)
     verifier = _verifier(backbone, t2i, weight=1.0, top_k=4)
-    tied = [[-1.0] * 6 for _ in queries]
+    tied = [[-1.0] * 6 for _ in queries]  # one identifier shared by 6 targets: all are verified (never split)
     out_targets, _ = verifier.rerank(queries, targets, tied)
     changed = 0
     for query, before, after in zip(queries, targets, out_targets):
-        verified = verifier.score([verifier.target_contents[t] for t in before[:4]], [query.value] * 4).tolist()
-        of = dict(zip(before[:4], verified))
-        assert all(of[a] >= of[b] - 1e-5 for a, b in zip(after[:3], after[1:4])), (after, of)
+        verified = verifier.score([verifier.target_contents[t] for t in before], [query.value] * 6).tolist()
+        of = dict(zip(before, verified))
+        assert all(of[a] >= of[b] - 1e-5 for a, b in zip(after, after[1:])), (after, of)
         changed += after != before
     assert changed > 0  # the model's verification does re-order (so the weight=0 check below means something)
 
     off = _verifier(backbone, t2i, weight=0.0, top_k=4)
     out_targets, out_scores = off.rerank(queries, targets, scores)
-    assert out_targets == targets and out_scores == scores
+    assert out_targets == targets
+    for gen, out in zip(scores, out_scores):  # the head on the normalised scale, the rest untouched
+        assert out[:4] == pytest.approx(torch.tensor(gen[:4], dtype=torch.float64).log_softmax(0).tolist())
+        assert out[4:] == gen[4:]
     out_targets, _ = off.rerank(queries, targets, tied)
     assert out_targets == targets  # ties keep the beam order
 
@@ -301,5 +326,154 @@ def test_pipeline_with_gsv_adds_a_verified_row_with_the_same_candidates(tmp_path
     assert verified["R@5"] == pytest.approx(plain["R@5"])
     assert 0.0 <= verified["R@1"] <= verified["R@5"] and 0.0 <= verified["MRR@10"] <= 1.0
     assert 0 < verified["queries_per_s"] < plain["queries_per_s"]  # verification costs time
+    gsv = rows["atomic+gsv"]["index"].pop("gsv")  # how the scores were combined is recorded
+    assert gsv["mode"] == "likelihood" and gsv["weight"] == 1.0 and "log softmax" in gsv["combination"]
     assert rows["atomic+gsv"]["index"] == rows["atomic"]["index"]
     assert rows["atomic+gsv"]["direction"] == "t2i"
+
+
+# --------------------------------------------------------------------------- the verified window
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_verification_reorders_only_inside_the_candidate_set(mode, backbone, prompt_backbone, t2i):
+    model = prompt_backbone if mode == "prompt" else backbone
+    verifier = _verifier(model, t2i, mode=mode, weight=50.0, top_k=3)
+    queries, targets, scores = _candidates(t2i, n_queries=4)
+    out_targets, _ = verifier.rerank(queries, targets, scores)
+    moved = 0
+    for before, after in zip(targets, out_targets):
+        assert sorted(after) == sorted(before)  # the same candidates
+        assert set(after[:3]) == set(before[:3]) and after[3:] == before[3:]  # beyond the window: unchanged
+        moved += after != before
+    assert moved > 0  # weight 50: the verifier does decide the head's order
+
+
+def test_window_never_splits_the_targets_of_one_identifier(backbone, t2i):
+    verifier = _verifier(backbone, t2i, top_k=2)
+    assert verifier.window([-1.0, -2.0, -2.0, -2.0, -3.0]) == 4  # the 2nd candidate's identifier names 3 targets
+    assert verifier.window([-1.0, -2.0, -3.0]) == 2
+    assert verifier.window([-1.0]) == 1 and verifier.window([]) == 0
+
+
+WORDS = ("red", "blue")
+
+
+class TwoWordScheme(IdentifierScheme):
+    """Like semcore collisions=verify: one SID ("red") shared by all targets but one ("blue")."""
+
+    name = "two-words"
+    shares_identifiers = True
+
+    def fit(self, targets, features=None):
+        return [WORDS[i == 0] for i, _ in enumerate(targets)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_targets_sharing_an_identifier_are_ordered_by_the_verifier(mode, corpus, t2i):
+    backbone = _backbone(corpus, words=(*WORDS, *reserved_words(mode)))
+    scheme = TwoWordScheme()
+    index = IdentifierIndex.build(scheme, [t.target_id for t in t2i.targets], scheme.fit(t2i.targets),
+                                  direction="t2i", corpus_fingerprint=corpus.fingerprint())
+    index.tokenize(backbone.tokenizer)
+    searched = [t.target_id for t in t2i.targets][:8]  # "blue" and 7 targets sharing "red"
+    retriever = ConstrainedRetriever(backbone, index, searched, num_beams=2)
+    queries = [q.content for q in t2i.queries_of("train")[:3]]
+    found = retriever(queries)
+    shared = searched[1:]
+    # top_k=2: the window widens to every target of the shared identifier, whichever identifier ranks first
+    verifier = _verifier(backbone, t2i, mode=mode, top_k=2)
+    out_targets, _ = verifier.rerank(queries, found.targets, found.scores)
+    for query, before, gen, after in zip(queries, found.targets, found.scores, out_targets):
+        assert sorted(before) == sorted(after) == sorted(searched)
+        assert len({s for t, s in zip(before, gen) if t in shared}) == 1  # one SID: one generation score
+        verified = verifier.score([verifier.target_contents[t] for t in shared], [query.value] * len(shared)).tolist()
+        of = dict(zip(shared, verified))
+        ranked = [t for t in after if t in shared]
+        assert ranked == sorted(shared, key=lambda t: -of[t]), (ranked, of)  # the verifier alone orders them
+        assert ranked != [t for t in before if t in shared]  # ... which the beam order alone does not
+
+
+# --------------------------------------------------------------------------- prompt mode
+
+
+def test_prompt_score_is_log_p_yes_under_a_manual_forward_pass(prompt_backbone, t2i):
+    verifier = _verifier(prompt_backbone, t2i, mode="prompt")
+    tok = prompt_backbone.tokenizer
+    yes, no = (tok.convert_tokens_to_ids(w) for w in ("yes", "no"))
+    assert tok.unk_token_id not in (yes, no) and verifier.answer_ids() == (yes, no)
+    images = [t.content for t in t2i.targets[:2]]
+    texts = ["a red circle on a white background", "a star"]
+    got = verifier.score(images, texts)
+    image_token = tok.convert_tokens_to_ids(tok.image_token)
+    for image, text, score in zip(images, texts, got.tolist()):
+        question = tok(f"does the image show {text} ? answer yes or no :", add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in question
+        ids = [tok.bos_token_id, *[image_token] * prompt_backbone.num_image_tokens, tok.sep_token_id, *question]
+        pixels = prompt_backbone.image_transform([image.value])
+        with torch.no_grad():
+            logits = prompt_backbone.model(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0, -1].double()
+        assert score == pytest.approx(logits[[yes, no]].log_softmax(0)[0].item(), abs=1e-4)
+        assert score != pytest.approx(logits.log_softmax(0)[yes].item(), abs=1e-4)  # normalised over {yes, no}
+
+
+def test_prompt_mode_needs_a_tokenizer_that_spells_yes_and_no(backbone, t2i):
+    assert {"yes", "no", "does", "image", "?"} <= set(reserved_words("prompt")) and reserved_words("likelihood") == []
+    with pytest.raises(ConfigError, match="yes"):
+        _verifier(backbone, t2i, mode="prompt").batch([t2i.targets[0].content], ["a red circle"])
+    with pytest.raises(ConfigError, match="gsv.mode"):
+        _verifier(backbone, t2i, mode="entailment")
+    with pytest.raises(ConfigError, match="text"):
+        _verifier(backbone, t2i, mode="prompt", prompt="does it match ?")
+
+
+def test_yes_no_loss_decreases_and_separates_positives_from_hard_negatives(corpus):
+    backbone = _prompt_backbone(corpus, seed=1)
+    verifier = GenerativeVerifier(backbone, mode="prompt")
+    ims = corpus.split("train")[:4]
+    images = [Content.image(im.path) for im in ims]
+    positives = [im.captions[0].text for im in ims]
+    negatives = positives[1:] + positives[:1]  # only the image tells a positive from a negative
+    pos, neg = verifier.batch(images, positives), verifier.batch(images, negatives)
+
+    def gap() -> float:
+        backbone.eval()
+        with torch.no_grad():
+            return (verifier.pair_scores(pos) - verifier.pair_scores(neg)).mean().item()
+
+    before = gap()
+    optimizer = torch.optim.AdamW(backbone.parameters(), lr=3e-3)
+    losses = []
+    backbone.train()
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss = verifier.loss(pos, neg)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    after = gap()
+    assert after > before + 0.3, (before, after)  # log p(yes) is higher for the matching caption
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def _gcr(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "GCR_CONFIG_DIR"}
+    return subprocess.run([sys.executable, "-m", "gcr.cli", *args], env={**env, "CI": "1", "COLUMNS": "200"},
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+
+
+@pytest.mark.integration
+def test_both_modes_compose_from_the_command_line_and_an_unknown_mode_is_refused():
+    from gcr.config_checks import GSV_MODES
+
+    assert GSV_MODES == MODES
+    for mode in MODES:
+        proc = _gcr("fit", "gsv.enabled=true", f"gsv.mode={mode}", "--cfg")
+        assert proc.returncode == 0, proc.stderr
+        assert f"mode: {mode}" in proc.stdout and "{text}" in proc.stdout
+    proc = _gcr("fit", "gsv.enabled=true", "gsv.mode=entailment", "--cfg")
+    assert proc.returncode != 0
+    assert "gsv.mode=entailment" in proc.stderr and "likelihood, prompt" in proc.stderr

@@ -5,7 +5,8 @@
   highest-weight words, ``w(x, c) = tf(x, c) * log(1 + A / f_x)``
   (:func:`gcr.schemes.helpers.words.cluster_word_weights`).
 * **Lexical ID** -- KeyBERT keywords of the target's description (``keywords=mmr|maxsum|cosine``),
-  without the words already in its global ID.
+  without the words already in its global ID: the same string (``dedup=exact``), or also any word whose
+  MiniLM embedding has cosine similarity >= ``dedup_threshold`` with a global word (``dedup=semantic``).
 
 ``"{global words} ; {lexical words}"``, e.g. ``"triangle yellow ; checkered diamond green"``. The words
 are the model's own vocabulary: no new tokens. SIDs may collide; ``collisions=suffix`` appends the
@@ -61,10 +62,14 @@ class SemcoreScheme(IdentifierScheme):
         collisions: Literal["suffix", "verify"] = "suffix"
         separator: str = ";"
         minibatch_above: int = option(20000, ge=1, doc="MiniBatchKMeans above this many targets")
+        dedup: Literal["exact", "semantic"] = "exact"
+        dedup_threshold: float = option(0.8, ge=-1, doc="dedup=semantic: cosine at which a keyword repeats a global word")
 
         def check(self) -> None:
             if self.parts == "lexical" and self.lexical_words < 1:
                 raise invalid("lexical_words", self.lexical_words, "lexical_words >= 1 with parts=lexical")
+            if self.dedup_threshold > 1:
+                raise invalid("dedup_threshold", self.dedup_threshold, "a cosine similarity in [-1, 1]")
 
     def __init__(self, seed: int = 0, **options: Any):
         super().__init__(seed=seed, **options)
@@ -152,14 +157,27 @@ class SemcoreScheme(IdentifierScheme):
         extractor = KeywordExtractor(self._encoder().model, method=self.keywords, diversity=self.diversity)
         top_n = self.lexical_words + (self.global_words if self.parts != "lexical" else 0) + SPARE_KEYWORDS
         found = extractor.extract(descriptions, top_n, document_embeddings=embeddings, spellable=self.spellable)
+        repeats = self._repeats_global(found)
         out = []
         for label, words in zip(labels.tolist(), found):
-            name = set(self._names.get(label, ()))
-            kept = [w for w in words if w not in name]
+            name = self._names.get(label, ())
+            kept = [w for w in words if not repeats(w, name)]
             lexical = kept[: self.lexical_words] if self.parts != "global" else []
             spare = kept[len(lexical):]
             out.append((lexical, spare))
         return out
+
+    def _repeats_global(self, found: list[list[str]]):
+        """``(word, global words) -> bool``: does the keyword repeat the global ID (``dedup``)?"""
+        if self.dedup == "exact":
+            return lambda word, name: word in name
+        vocab = sorted({w for words in found for w in words} | {w for name in self._names.values() for w in name})
+        vectors = dict(zip(vocab, self._encoder().encode_text(vocab).numpy())) if vocab else {}  # unit vectors
+
+        def repeats(word: str, name: Sequence[str]) -> bool:
+            return word in name or any(float(vectors[word] @ vectors[n]) >= self.dedup_threshold for n in name)
+
+        return repeats
 
     # -- collisions ---------------------------------------------------------------------------
     def _join(self, global_id: Sequence[str], lexical: Sequence[str]) -> str:

@@ -137,7 +137,7 @@ def _fit_direction(cfg: DictConfig, corpus: Corpus, direction: str, dense, out_d
     if needs.descriptions:
         task = _described(cfg, corpus, task, dense)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the same weights whether or not a captioner trained
-    backbone = build_backbone(cfg, corpus, dense, scheme.reserved_words())
+    backbone = build_backbone(cfg, corpus, dense, _reserved_words(cfg, scheme))
     features = _target_features(cfg, corpus, task, dense) if needs.features else None
     generator = None
     if needs.text_generator:  # e.g. ssi generator=mllm: the run's backbone writes the identifiers
@@ -272,10 +272,28 @@ def _verifier(cfg: DictConfig, task, index, backbone):
     g = cfg.gsv
     verifier = GenerativeVerifier(
         backbone, {t.target_id: t.content for t in task.targets}, weight=float(g.weight), top_k=int(g.top_k),
-        marker=str(g.marker), batch_size=int(cfg.eval.batch_size),
+        marker=str(g.marker), batch_size=int(cfg.eval.batch_size), **_gsv_mode(cfg),
     )
     token_ids = {t.target_id: index.token_ids[index.identifier_of(t.target_id)] for t in task.targets}
     return verifier, hard_negative_pairs(task, token_ids)
+
+
+def _gsv_mode(cfg: DictConfig) -> dict[str, str]:
+    """``gsv.mode`` and ``gsv.prompt`` (runs saved before gcr had them: likelihood)."""
+    from gcr.heads.verification import DEFAULT_PROMPT
+
+    g = cfg.get("gsv") or {}
+    return {"mode": str(g.get("mode", "likelihood")), "prompt": str(g.get("prompt", DEFAULT_PROMPT))}
+
+
+def _reserved_words(cfg: DictConfig, scheme) -> list[str]:
+    """Words the run's corpus tokenizer must spell: the scheme's, and GSV's prompt and answers."""
+    words = list(scheme.reserved_words())
+    if cfg.get("gsv") is not None and cfg.gsv.enabled:
+        from gcr.heads.verification import reserved_words
+
+        words += reserved_words(**_gsv_mode(cfg))
+    return words
 
 
 def _identity(index: IdentifierIndex) -> dict[str, str | None]:
@@ -308,8 +326,12 @@ def _rows(cfg: DictConfig, direction: str, results: dict, train_seconds, stats: 
     rows = [ResultRow(method, "generative", direction, dict(results["test"]), train_seconds, index=stats, seed=seed,
                       per_query=per_query.get("test"))]
     if "test" + VERIFIED in results:
+        from gcr.heads.verification import describe
+
+        gsv = describe(**_gsv_mode(cfg), weight=float(cfg.gsv.weight), top_k=int(cfg.gsv.top_k))  # how scores combine
         rows.append(ResultRow(method + VERIFIED, "generative", direction, dict(results["test" + VERIFIED]),
-                              train_seconds, index=stats, seed=seed, per_query=per_query.get("test" + VERIFIED)))
+                              train_seconds, index={**stats, "gsv": gsv}, seed=seed,
+                              per_query=per_query.get("test" + VERIFIED)))
     return rows
 
 
