@@ -64,3 +64,17 @@ def test_unrestricted_retriever_still_returns_every_sharing_target(shared_index)
     retriever = ConstrainedRetriever(backbone, index, num_beams=len(WORDS))
     out = retriever([task.queries_of("test")[0].content])
     assert set(out.targets[0]) == {t.target_id for t in task.targets}
+
+
+def test_a_single_searchable_identifier_is_retrieved(shared_index):
+    """One identifier in the searched set: beam search degenerates to greedy (num_beams=1), which HF returns
+    without sequence scores; the retriever still returns every target it names, with a finite score."""
+    task, index, backbone = shared_index
+    test_targets = [t.target_id for t in task.targets_of("test")]
+    one = [t for t in test_targets if index.identifier_of(t) == index.identifier_of(test_targets[0])]
+    retriever = ConstrainedRetriever(backbone, index, one, num_beams=5)
+    assert retriever.num_beams == 1
+    out = retriever([q.content for q in task.queries_of("test")[:3]])
+    for ranked, scores in zip(out.targets, out.scores):
+        assert ranked == one or set(ranked) == set(one)
+        assert all(-1e6 < s <= 0 for s in scores)  # finite log-probabilities (under the constraint)

@@ -195,7 +195,18 @@ class GenerativeBackbone(nn.Module):
             synced_gpus=synced_gpus,
         )
         prompt_len = batch["input_ids"].shape[1]
-        return out.sequences[:, prompt_len:], out.sequences_scores
+        new_tokens = out.sequences[:, prompt_len:]
+        scores = getattr(out, "sequences_scores", None)
+        if scores is None:  # num_beams=1 (one searchable identifier): greedy search returns no sequence scores
+            # its scores are the processed logits: the log-probability under the constraint (0 for the one path)
+            logits = torch.stack(out.scores, 1).float()  # (B, T, V)
+            chosen = new_tokens[:, : logits.shape[1]]
+            steps = logits.log_softmax(-1).gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+            end = _end_token(logits_processor, self.tokenizer.eos_token_id)
+            is_end = chosen == end
+            after_end = (torch.cumsum(is_end, 1) - is_end.long()) > 0
+            scores = steps.masked_fill(after_end | ~torch.isfinite(steps), 0.0).sum(-1)
+        return new_tokens, scores
 
     @torch.no_grad()
     def generate_text(
