@@ -6,6 +6,7 @@ A bench file (``configs/bench/NAME.yaml``, or any YAML path) is plain YAML, not 
     seeds: [0, 1, 2]           # every run once per seed; the table reports mean ± std (sample std, ddof=1)
     overrides: []              # applied to every run, before the command line's overrides
     dense: true                # evaluate the dense baseline once per seed (false: no dense row)
+    dense_extra: [pretrained]  # more dense baselines (``dense`` group options), one row each per seed
     reference: dense           # the row every other row is compared with (paired bootstrap 95% interval);
                                # a run label, or dense; default: dense when dense is true, else the first run
     runs:                      # label -> that run's Hydra overrides (applied last)
@@ -53,7 +54,7 @@ log = logging.getLogger("gcr")
 BENCH_GROUP = "bench"
 RUN_MARKER = "bench_run.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-_KEYS = {"name", "description", "seeds", "overrides", "runs", "dense", "reference"}
+_KEYS = {"name", "description", "seeds", "overrides", "runs", "dense", "dense_extra", "reference"}
 #: Config keys that may differ between a finished run and the new one without forcing a retrain.
 IGNORED_FOR_REUSE = ("wandb",)
 #: Config keys every run of a bench must share.
@@ -69,6 +70,8 @@ class BenchSpec:
     seeds: list[int] = field(default_factory=lambda: [0])
     overrides: list[str] = field(default_factory=list)
     dense: bool = True
+    #: more dense baselines, each a ``dense`` group option (e.g. ``pretrained``): one row each per seed
+    dense_extra: list[str] = field(default_factory=list)
     description: str | None = None
     path: str | None = None
     reference: str | None = None  # None: the dense baseline when there is one, else the first run
@@ -115,7 +118,8 @@ class BenchSpec:
                                   f"{', '.join([*parsed_runs, *(['dense'] if dense else [])])}")
         return cls(name=name, runs=parsed_runs, seeds=list(seeds),
                    overrides=_string_list(data.get("overrides") or [], f"{where}: overrides"),
-                   dense=dense, description=data.get("description"), path=path, reference=reference)
+                   dense=dense, description=data.get("description"), path=path, reference=reference,
+                   dense_extra=_string_list(data.get("dense_extra") or [], f"{where}: dense_extra"))
 
 
 def _string_list(value: Any, where: str) -> list[str]:
@@ -261,7 +265,7 @@ def _relabel(rows: list[dict[str, Any]], run: _Run) -> list[dict[str, Any]]:
     return out
 
 
-def _dense_rows(cfg: Any, corpus: Any, seed: int, bench_dir: Path) -> list[dict[str, Any]]:
+def _dense_rows(cfg: Any, corpus: Any, seed: int, bench_dir: Path, label: str = "") -> list[dict[str, Any]]:
     """The dense baseline, trained (or loaded from the cache) and scored as ``pipeline.fit`` does it.
 
     Tracked as the W&B run ``bench-NAME/dense-sS`` (files in that folder of the bench).
@@ -271,8 +275,9 @@ def _dense_rows(cfg: Any, corpus: Any, seed: int, bench_dir: Path) -> list[dict[
     from gcr import tracking
     from gcr.dense import setup as dense_setup
 
-    name = f"{bench_dir.name}/dense-s{seed}"
-    with tracking.dense_run(cfg, name, bench_dir / f"dense-s{seed}") as tracked:
+    folder = f"dense-{label}-s{seed}" if label else f"dense-s{seed}"
+    name = f"{bench_dir.name}/{folder}"
+    with tracking.dense_run(cfg, name, bench_dir / folder) as tracked:
         dense, seconds = dense_setup.dense_baseline(cfg, corpus, tracked)
         rows = dense_setup.dense_rows(cfg, corpus, dense, seconds)
         tracked.log_rows(rows)
@@ -334,10 +339,17 @@ def run_bench(bench_cfg: BenchSpec | Any, base_overrides: list[str], cdir: Path)
     reused = {label: [False] * len(spec.seeds) for label in labels}
     rows: list[dict[str, Any]] = []
     dense_rows: list[dict[str, Any]] = []
+    from gcr.config import compose
+
+    extra_dense = {(option, seed): compose([*spec.overrides, *base_overrides, f"dense={option}", f"seed={seed}"],
+                                           Path(cdir))
+                   for option in spec.dense_extra for seed in spec.seeds}  # checked before any work
     for i, seed in enumerate(spec.seeds):
         seed_runs = [r for r in runs if r.seed == seed]
         if spec.dense:  # first: a member that needs dense features then finds it cached, not trained inside it
             dense_rows += _dense_rows(seed_runs[0].cfg, corpus, seed, bench_dir)
+        for option in spec.dense_extra:
+            dense_rows += _dense_rows(extra_dense[option, seed], corpus, seed, bench_dir, label=option)
         for run in seed_runs:
             saved = finished_results(run)
             if saved is not None:
