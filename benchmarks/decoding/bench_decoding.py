@@ -793,6 +793,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=20.0,
         help="a method whose warm-up replay takes longer than this is timed once",
     )
+    p.add_argument(
+        "--vocab", type=int, default=VOCAB, help="vocabulary size (>= 2051: codes use its last 2,048 ids)"
+    )
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--beams", type=int, default=10)
     p.add_argument("--logit-scale", type=float, default=2.0, help="std of the random logits")
@@ -870,6 +873,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    global VOCAB
+    VOCAB = args.vocab
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -927,6 +932,7 @@ def run(args: argparse.Namespace) -> None:
     if args.update and args.out.exists():
         previous = json.loads(args.out.read_text())
         compared = (
+            "vocab",
             "busy",
             "threads",
             "batch",
@@ -939,7 +945,7 @@ def run(args: argparse.Namespace) -> None:
             "e2e_layers",
             "seed",
         )
-        absent = {"busy": False, "threads": 0}  # settings older files did not record
+        absent = {"busy": False, "threads": 0, "vocab": 32000}  # settings older files did not record
         differ = {
             k: (previous["settings"].get(k, absent.get(k)), getattr(args, k))
             for k in compared

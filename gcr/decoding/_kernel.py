@@ -54,25 +54,37 @@ typedef struct {
    1 -> forbids forbid_tokens[start : start + length] (written -inf, nothing else read);
    2 -> forbids where dense_rows[start * dense_stride + c] is set (one vectorised select over the row).
    Columns >= vocab are always forbidden. */
+static void fill_neg(float* restrict p, int64_t n) {
+    const float neg = -INFINITY;
+    for (int64_t c = 0; c < n; ++c) p[c] = neg;
+}
+
+/* restrict: the row never aliases the mask or the kept values, so the loops vectorise. */
+static void select_row(float* restrict row, const uint8_t* restrict forbidden, int64_t n) {
+    const float neg = -INFINITY;
+    for (int64_t c = 0; c < n; ++c) row[c] = forbidden[c] ? neg : row[c];
+}
+
 static void* mask_range(void* arg) {
     const mask_job* j = (const mask_job*)arg;
-    const float neg = -INFINITY;
-    float* kept = (float*)malloc(sizeof(float) * (size_t)(j->vocab > 0 ? j->vocab : 1));
+    const int64_t cols = j->cols, vocab = j->vocab, stride = j->row_stride, tok_bytes = j->tok_bytes;
+    const void* keep = j->keep_tokens;
+    const void* forbid = j->forbid_tokens;
+    float* restrict kept = (float*)malloc(sizeof(float) * (size_t)(vocab > 0 ? vocab : 1));
     for (int64_t r = j->r0; r < j->r1; ++r) {
-        float* row = j->scores + r * j->row_stride;
-        int64_t s = j->start[r], n = j->length[r];
-        if (j->mode[r] == 2) {
-            const uint8_t* m = j->dense_rows + s * j->dense_stride;
-            const int64_t v = j->vocab;
-            for (int64_t c = 0; c < v; ++c) row[c] = m[c] ? neg : row[c];
-            for (int64_t c = j->vocab; c < j->cols; ++c) row[c] = neg;
-        } else if (j->mode[r] == 1) {
-            for (int64_t i = 0; i < n; ++i) row[load(j->forbid_tokens, j->tok_bytes, s + i)] = neg;
-            for (int64_t c = j->vocab; c < j->cols; ++c) row[c] = neg;
+        float* restrict row = j->scores + r * stride;
+        const int64_t s = j->start[r], n = j->length[r];
+        const uint8_t mode = j->mode[r];
+        if (mode == 2) {
+            select_row(row, j->dense_rows + s * j->dense_stride, vocab);
+            fill_neg(row + vocab, cols - vocab);
+        } else if (mode == 1) {
+            for (int64_t i = 0; i < n; ++i) row[load(forbid, tok_bytes, s + i)] = -INFINITY;
+            fill_neg(row + vocab, cols - vocab);
         } else {
-            for (int64_t i = 0; i < n; ++i) kept[i] = row[load(j->keep_tokens, j->tok_bytes, s + i)];
-            for (int64_t c = 0; c < j->cols; ++c) row[c] = neg;
-            for (int64_t i = 0; i < n; ++i) row[load(j->keep_tokens, j->tok_bytes, s + i)] = kept[i];
+            for (int64_t i = 0; i < n; ++i) kept[i] = row[load(keep, tok_bytes, s + i)];
+            fill_neg(row, cols);
+            for (int64_t i = 0; i < n; ++i) row[load(keep, tok_bytes, s + i)] = kept[i];
         }
     }
     free(kept);
