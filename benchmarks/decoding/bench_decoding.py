@@ -847,12 +847,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def start_busy_load() -> list:
-    """One pure-Python busy loop per core, at normal priority (stopped by :func:`stop_busy_load`)."""
+    """One pure-Python busy loop per core, at normal priority (stopped by :func:`stop_busy_load`).
+
+    Each loop also ends by itself once this process is gone (its parent changes), so a killed benchmark
+    leaves no load behind.
+    """
     import subprocess
 
+    loop = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pass"
     return [
-        subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
-        for _ in range(os.cpu_count() or 1)
+        subprocess.Popen([sys.executable, "-c", loop], stdin=subprocess.DEVNULL) for _ in range(os.cpu_count() or 1)
     ]
 
 
@@ -866,6 +870,10 @@ def stop_busy_load(processes: list) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     busy = start_busy_load() if args.busy else []
+    if busy:
+        import signal
+
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below on `kill`
     try:
         run(args)
     finally:
