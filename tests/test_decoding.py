@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import math
 import random
@@ -11,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 
 from gcr.decoding import TokenTrie, TrieLogitsProcessor, constrained_beam_search
 from gcr.decoding.trie import DEAD, finished_state
@@ -403,13 +404,18 @@ def model_step_fn(model, num_beams: int):
     """Step function over the HF model with its KV cache; the prompt is fed on the first call."""
     prompts = PROMPTS.repeat_interleave(num_beams, dim=0)
 
+    # transformers' v5 Cache API: the caller owns a DynamicCache and passes it as `cache` (`past_key_values`
+    # before 5.24, deprecated since).
+    keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
     def step(tokens: torch.Tensor, cache):
         with torch.no_grad():
             if cache is None:
-                out = model(input_ids=prompts, use_cache=True)
+                cache = DynamicCache(config=model.config)
+                out = model(input_ids=prompts, use_cache=True, **{keyword: cache})
             else:
-                out = model(input_ids=tokens[:, -1:], past_key_values=cache, use_cache=True)
-        return out.logits[:, -1].float().log_softmax(-1), out.past_key_values
+                out = model(input_ids=tokens[:, -1:], use_cache=True, **{keyword: cache})
+        return out.logits[:, -1].float().log_softmax(-1), cache
 
     def reorder(cache, beam_idx: torch.Tensor):
         cache.reorder_cache(beam_idx)

