@@ -27,7 +27,9 @@ beam, only the tokens the trie allows after it, so it never writes, masks or ran
   normaliser is smaller) and rankings can differ.
 
 A step where a live beam sits at a node allowing more than a quarter of the vocabulary (e.g. the root of
-natural-language identifiers) falls back to the whole matrix, with the same normalisation.
+natural-language identifiers) falls back to the whole matrix, with the same normalisation. This path reads the
+widest live node's degree and the live rows back to the host once per step (free on a CPU; a small sync on an
+accelerator, where the full-vocabulary path needs none).
 """
 
 from __future__ import annotations
