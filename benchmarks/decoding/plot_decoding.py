@@ -59,8 +59,8 @@ def plot(data: dict, out: Path) -> None:
         ax.set_xlabel("identifiers")
         worst = [r["masking_vs_fill"]["gcr_over_fill_worst_step"] for r in rows if "masking_vs_fill" in r]
         met = (data.get("summary", {}).get(kind, {}).get("targets_met") or {})
-        marks = ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in met.items() if "fill" in k or "flat" in k)
-        ax.set_title(f"{kind}" + (f"\nworst step {max(worst):.2f}x fill; {marks}" if worst else ""), fontsize=8)
+        marks = "\n".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in met.items() if "fill" in k or "flat" in k)
+        ax.set_title(f"{kind}" + (f" - worst step {max(worst):.2f}x fill\n{marks}" if worst else ""), fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("ms per decoding step (median)")
     settings, env = data["settings"], data["environment"]
