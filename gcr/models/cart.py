@@ -326,10 +326,11 @@ class CartNetwork(nn.Module):
 
     # -- decoding ------------------------------------------------------------------------------
     def decode(self, ids: torch.Tensor, caches: list[dict], mask: torch.Tensor, *, group: int = 1, start: int = 0,
-               past: list | None = None):
+               past: list | None = None, project: bool = True):
         """Logits (N, t, V) of decoder inputs ``ids`` (N, t) at positions ``start..``; N = B * group, item-major.
 
         ``past`` (one (k, v) per layer) continues a KV cache; the updated cache is returned with the logits.
+        ``project=False`` returns the final hidden states (N, t, d) instead, before the output head.
         """
         positions = torch.arange(start, start + ids.shape[1], device=ids.device)
         h = self.embed(ids) + self.pos(positions)
@@ -337,7 +338,8 @@ class CartNetwork(nn.Module):
         for i, layer in enumerate(self.layers):
             h, kv = layer(h, caches[i], mask, group, None if past is None else past[i])
             present.append(kv)
-        return self.head(self.norm(h)), present
+        h = self.norm(h)
+        return (self.head(h) if project else h), present
 
     # -- vocabulary ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -683,19 +685,22 @@ class CartBackbone(GenerativeBackbone):
         if trie.max_length > int(self.opts["max_id_tokens"]):
             raise ConfigError(f"identifiers of {trie.max_length} tokens exceed model.max_id_tokens")
 
+        # The search applies the head itself, only where the trie allows (exact full-vocabulary log-probs).
         def step(tokens: torch.Tensor, past):
             t = tokens.shape[1]
             if t == 0:  # every beam of a query starts from BOS: decode one row per query, then copy it K times
-                logits, present = self.model.decode(tokens.new_full((B, 1), bos), caches, mask)
+                hidden, present = self.model.decode(tokens.new_full((B, 1), bos), caches, mask, project=False)
                 present = [(k.repeat_interleave(K, 0), v.repeat_interleave(K, 0)) for k, v in present]
-                return logits[:, -1].float().log_softmax(-1).repeat_interleave(K, 0), present
-            logits, present = self.model.decode(tokens[:, -1:], caches, mask, group=K, start=t, past=past)
-            return logits[:, -1].float().log_softmax(-1), present
+                return hidden[:, -1].repeat_interleave(K, 0), present
+            hidden, present = self.model.decode(tokens[:, -1:], caches, mask, group=K, start=t, past=past,
+                                                project=False)
+            return hidden[:, -1], present
 
         def reorder(past, beam_idx):
             return [(k[beam_idx], v[beam_idx]) for k, v in past]
 
-        found = constrained_beam_search(step, trie, B, K, max_new_tokens, reorder_fn=reorder)
+        found = constrained_beam_search(step, trie, B, K, max_new_tokens, reorder_fn=reorder,
+                                        output_embedding=self.model.head.weight, normalize="full")
         table = self._identifier_table(trie)
         missing = found.identifiers < 0
         tokens = table[found.identifiers.clamp(min=0)].masked_fill(missing[..., None], eos)
