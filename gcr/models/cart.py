@@ -33,7 +33,6 @@ writes the identifier, attending to *every* layer of that tower:
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Mapping, Sequence
 from itertools import chain
 from pathlib import Path
@@ -425,7 +424,6 @@ class CartBackbone(GenerativeBackbone):
         self.rdrop_weight = float(opts["rdrop_weight"])
         self.seed = int(opts["seed"])
         self._features: dict[str, torch.Tensor] = {}  # image path -> (cells + 1, sum widths) float16, CPU
-        self._identifier_tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @staticmethod
     def _check_options(o: dict[str, Any]) -> None:
@@ -659,31 +657,21 @@ class CartBackbone(GenerativeBackbone):
 
     # -- decoding -----------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, batch: dict[str, torch.Tensor], *, logits_processor: Any, num_beams: int,
-                 max_new_tokens: int, synced_gpus: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Constrained beam search under the processor's trie: ``(tokens (B*K, T), scores (B*K,))``.
+    def search(self, batch: dict[str, torch.Tensor], trie: Any, *, num_beams: int, max_new_tokens: int,
+               eos_token_id: int | None = None, synced_gpus: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Constrained beam search straight over ``trie``: ``(identifier ids (B, K), scores (B, K))``, best first.
 
-        Rows are the K best identifiers of each query, best first, EOS-padded after their end; scores are summed
-        log-probs. Slots beyond the identifiers that exist hold EOS tokens and score -1e9.
+        Slots beyond the identifiers that exist hold ``-1`` and score -1e9; scores are summed log-probs.
         """
-        from gcr.decoding import TrieLogitsProcessor, constrained_beam_search
+        from gcr.decoding import constrained_beam_search
 
         if synced_gpus:
             raise ConfigError("model 'cart' does not support sharded strategies (FSDP/DeepSpeed); use ddp")
-        processors = logits_processor if isinstance(logits_processor, Sequence) else [logits_processor]
-        processor = next((p for p in processors if isinstance(p, TrieLogitsProcessor)), None)
-        if processor is None:
-            raise ConfigError("model 'cart' decodes under a trie: pass a TrieLogitsProcessor in logits_processor")
-        trie, eos = processor.trie, processor.eos_token_id
-        if eos != self.tokenizer.eos_token_id:
-            raise ConfigError(f"the trie's end token ({eos}) is not the tokenizer's EOS ({self.tokenizer.eos_token_id}); "
-                              "model 'cart' cannot write rationales: set rgs.enabled=false")
+        self._check_search(trie, eos_token_id)
         B, K = batch["input_ids"].shape[0], int(num_beams)
         memory, mask = self.encode(batch)
         caches = self.model.memory_cache(memory)
         bos = self.tokenizer.bos_token_id
-        if trie.max_length > int(self.opts["max_id_tokens"]):
-            raise ConfigError(f"identifiers of {trie.max_length} tokens exceed model.max_id_tokens")
 
         # The search applies the head itself, only where the trie allows (exact full-vocabulary log-probs).
         def step(tokens: torch.Tensor, past):
@@ -701,27 +689,17 @@ class CartBackbone(GenerativeBackbone):
 
         found = constrained_beam_search(step, trie, B, K, max_new_tokens, reorder_fn=reorder,
                                         output_embedding=self.model.head.weight, normalize="full")
-        table = self._identifier_table(trie)
         missing = found.identifiers < 0
-        tokens = table[found.identifiers.clamp(min=0)].masked_fill(missing[..., None], eos)
-        scores = found.scores.masked_fill(missing, _FILLER)
-        return tokens.view(B * K, -1), scores.view(-1)
+        return found.identifiers, found.scores.masked_fill(missing, _FILLER)
 
-    def _identifier_table(self, trie) -> torch.Tensor:
-        """(identifiers, max_length) token ids of every identifier of ``trie``, EOS-padded (cached per trie)."""
-        key = (trie.num_identifiers, trie.max_length, str(trie.device))
-        cached = self._identifier_tables.get(trie)
-        if cached is None or cached[0] != key:
-            width = trie.max_length
-            sequences = trie.sequences()
-            lengths = torch.tensor([len(s) for s in sequences])
-            table = torch.full((len(sequences), width), trie.eos_token_id, dtype=torch.long)
-            table[torch.arange(width)[None, :] < lengths[:, None]] = torch.tensor(
-                list(chain.from_iterable(sequences)), dtype=torch.long
-            )
-            cached = (key, table.to(trie.device))
-            self._identifier_tables[trie] = cached
-        return cached[1]
+    def _check_search(self, trie: Any, eos_token_id: int | None) -> None:
+        """A compact decoder ends identifiers with EOS and has positions for ``max_id_tokens`` of them."""
+        eos = self.tokenizer.eos_token_id if eos_token_id is None else int(eos_token_id)
+        if eos != self.tokenizer.eos_token_id:
+            raise ConfigError(f"the trie's end token ({eos}) is not the tokenizer's EOS ({self.tokenizer.eos_token_id}); "
+                              f"model {self.name!r} cannot write rationales: set rgs.enabled=false")
+        if trie.max_length > int(self.opts["max_id_tokens"]):
+            raise ConfigError(f"identifiers of {trie.max_length} tokens exceed model.max_id_tokens; raise it")
 
     def generate_text(self, batch, *, num_beams: int = 3, max_new_tokens: int = 32) -> list[str]:
         raise ConfigError(
