@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 ARGS   ?=
 
-.PHONY: install run test test-fast test-all lint clean
+.PHONY: install run test test-fast test-all lint clean bench-decoding
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,14 @@ test-fast: install
 
 test-all: install
 	$(BIN)/python -m pytest -q --timeout=1800
+
+# The constrained-decoding benchmark (benchmarks/decoding/README.md): JSON + plot in benchmarks/results/.
+# ARGS adds options and BENCH_OUT moves the JSON, e.g. make bench-decoding ARGS=--quick BENCH_OUT=/tmp/quick.json
+BENCH_OUT ?= benchmarks/results/decoding-cpu.json
+bench-decoding: install
+	$(BIN)/python benchmarks/decoding/bench_decoding.py --repeats 3 --e2e-batch 32 --e2e-repeats 2 \
+		--out $(BENCH_OUT) $(ARGS)
+	$(BIN)/python benchmarks/decoding/plot_decoding.py $(BENCH_OUT)
 
 lint: install
 	$(BIN)/ruff check gcr tests plugins benchmarks

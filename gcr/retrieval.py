@@ -13,10 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessorList
 
 from gcr.data.corpus import Content
-from gcr.decoding import TrieLogitsProcessor
 from gcr.errors import DecodingError
 from gcr.index import IdentifierIndex
 
@@ -79,36 +77,18 @@ class ConstrainedRetriever:
 
     @torch.no_grad()
     def __call__(self, contents: Sequence[Content]) -> Retrieved:
-        """Retrieve for a batch of query contents."""
+        """Retrieve for a batch of query contents: the backbone searches, the retriever maps ids to targets."""
         start = time.perf_counter()
         device = next(self.backbone.parameters()).device
         inputs = {k: v.to(device) for k, v in self.backbone.batch(contents).items()}
         if self.trie.device != device:
             self.trie = self.trie.to(device)
-        processor = TrieLogitsProcessor(
-            self.trie,
-            prompt_length=inputs["input_ids"].shape[1],
-            eos_token_id=self.eos,
-            pad_token_id=self.backbone.tokenizer.pad_token_id,
-            num_beams=self.num_beams,
+        identifiers, scores = self.backbone.search(
+            inputs, self.trie, num_beams=self.num_beams, max_new_tokens=self.max_new_tokens,
+            eos_token_id=self.eos, synced_gpus=self.synced_gpus,
         )
-        tokens, scores = self.backbone.generate(
-            inputs,
-            logits_processor=LogitsProcessorList([processor]),
-            num_beams=self.num_beams,
-            max_new_tokens=self.max_new_tokens,
-            **({"synced_gpus": True} if self.synced_gpus else {}),
-        )
-        processor.check()
-        identifiers = self._identifiers_of(tokens).view(len(contents), self.num_beams)
-        targets, target_scores = self._to_targets(identifiers, scores.view(len(contents), -1))
+        targets, target_scores = self._to_targets(identifiers, scores)
         return Retrieved(targets, target_scores, time.perf_counter() - start)
-
-    def _identifiers_of(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Trie identifier of each generated row (tokens after the first EOS are padding), -1 if none."""
-        is_eos = tokens == self.eos
-        after_eos = (torch.cumsum(is_eos, 1) - is_eos.long()) > 0
-        return self.trie.identifier_of(self.trie.walk(tokens.masked_fill(after_eos, -1), pad=-1))
 
     def _to_targets(
         self, identifiers: torch.Tensor, scores: torch.Tensor

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from transformers import LogitsProcessorList
 
 from gcr.data.corpus import Content
-from gcr.decoding import TokenTrie, TrieLogitsProcessor
+from gcr.decoding import TokenTrie
 from gcr.errors import ConfigError, DataError
 
 pytest.importorskip("sentence_transformers")
@@ -94,11 +93,12 @@ def trie_of(backbone, targets) -> TokenTrie:
 
 
 def generate(backbone, contents, trie, num_beams):
-    batch = backbone.batch(contents)
-    processor = TrieLogitsProcessor(trie, prompt_length=batch["input_ids"].shape[1],
-                                    eos_token_id=backbone.tokenizer.eos_token_id, num_beams=num_beams)
-    return backbone.generate(batch, logits_processor=LogitsProcessorList([processor]), num_beams=num_beams,
-                             max_new_tokens=trie.max_length)
+    """``backbone.search`` as token rows (``(B*K, T)``, EOS-padded) and scores (``(B*K,)``), best first."""
+    ids, scores = backbone.search(backbone.batch(contents), trie, num_beams=num_beams, max_new_tokens=trie.max_length)
+    eos = backbone.tokenizer.eos_token_id
+    tokens = trie.tokens_of(ids.clamp(min=0).view(-1))
+    tokens = tokens.masked_fill(tokens < 0, eos).masked_fill((ids.view(-1) < 0)[:, None], eos)
+    return tokens, scores.view(-1)
 
 
 def first_identifiers(tokens, trie, rows: int, num_beams: int) -> list[int]:

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LogitsProcessorList
 
 from gcr.data.corpus import Content
 from gcr.data.sources import load_shapes
-from gcr.decoding import TokenTrie, TrieLogitsProcessor
+from gcr.decoding import TokenTrie
 from gcr.dense.models import DualEncoder
 from gcr.errors import ConfigError
 from gcr.models.compact import DECODERS, CompactBackbone
@@ -60,11 +59,12 @@ def random_identifiers(backbone, n: int, seed: int) -> list[list[int]]:
 
 
 def generate(backbone, contents, trie, num_beams):
-    batch = backbone.batch(contents)
-    processor = TrieLogitsProcessor(trie, prompt_length=1, eos_token_id=backbone.tokenizer.eos_token_id,
-                                    num_beams=num_beams)
-    return backbone.generate(batch, logits_processor=LogitsProcessorList([processor]), num_beams=num_beams,
-                             max_new_tokens=trie.max_length)
+    """``backbone.search`` as token rows (``(B*K, T)``, EOS-padded) and scores (``(B*K,)``), best first."""
+    ids, scores = backbone.search(backbone.batch(contents), trie, num_beams=num_beams, max_new_tokens=trie.max_length)
+    eos = backbone.tokenizer.eos_token_id
+    tokens = trie.tokens_of(ids.clamp(min=0).view(-1))
+    tokens = tokens.masked_fill(tokens < 0, eos).masked_fill((ids.view(-1) < 0)[:, None], eos)
+    return tokens, scores.view(-1)
 
 
 def rows_as_identifiers(tokens: torch.Tensor, eos: int) -> list[tuple[int, ...]]:
@@ -319,7 +319,7 @@ def test_pipeline_fits_stored_feature_items(encoder, tmp_path):
     """aligned: the frozen-tower dense baseline's item projection; features: the stored vectors themselves."""
     _pretrained_packages()
     from gcr.cli import compose, config_dir
-    from gcr.data.feature_items import write_feature_items_fixture
+    from gcr.data.feature_fixtures import write_feature_items_fixture
     from gcr.train.pipeline import evaluate, fit
 
     items = write_feature_items_fixture(tmp_path / "clotho", num_items=40, dim=24, seed=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import math
 import random
@@ -11,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 
 from gcr.decoding import TokenTrie, TrieLogitsProcessor, constrained_beam_search
 from gcr.decoding.trie import DEAD, finished_state
@@ -403,13 +404,18 @@ def model_step_fn(model, num_beams: int):
     """Step function over the HF model with its KV cache; the prompt is fed on the first call."""
     prompts = PROMPTS.repeat_interleave(num_beams, dim=0)
 
+    # transformers' v5 Cache API: the caller owns a DynamicCache and passes it as `cache` (`past_key_values`
+    # before 5.24, deprecated since).
+    keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
     def step(tokens: torch.Tensor, cache):
         with torch.no_grad():
             if cache is None:
-                out = model(input_ids=prompts, use_cache=True)
+                cache = DynamicCache(config=model.config)
+                out = model(input_ids=prompts, use_cache=True, **{keyword: cache})
             else:
-                out = model(input_ids=tokens[:, -1:], past_key_values=cache, use_cache=True)
-        return out.logits[:, -1].float().log_softmax(-1), out.past_key_values
+                out = model(input_ids=tokens[:, -1:], use_cache=True, **{keyword: cache})
+        return out.logits[:, -1].float().log_softmax(-1), cache
 
     def reorder(cache, beam_idx: torch.Tensor):
         cache.reorder_cache(beam_idx)
@@ -548,10 +554,14 @@ def test_inserted_identifier_is_found_by_decoding(identifiers, seed):
 
 
 @FAST
-@given(identifier_sets(), st.randoms(use_true_random=False))
-def test_both_masking_paths_agree(identifiers, rng):
-    """The host-sync-free path (accelerators) and the CPU path of mask_scores_ give the same scores."""
+@given(identifier_sets(), st.randoms(use_true_random=False), st.booleans())
+def test_all_masking_paths_agree(identifiers, rng, kernel):
+    """The host-sync-free path (accelerators), the CPU kernel and the eager CPU path give the same scores.
+
+    Over 7 tokens the root often allows more than half of them (its forbidden tokens are listed instead).
+    """
     trie = TokenTrie.build(identifiers, VOCAB, EOS)
+    trie.cpu_kernel = kernel
     states = trie.walk(padded(prefixes_and_strays(identifiers, rng)))
     scores = torch.randn(states.numel(), VOCAB + 2)
     sync_free = trie.mask_scores_(scores.clone(), states, sync_free=True)
@@ -559,3 +569,31 @@ def test_both_masking_paths_agree(identifiers, rng):
     assert torch.equal(sync_free, cpu)
     assert torch.equal(sync_free[:, :VOCAB].isfinite(), trie.allowed_mask(states))
     assert not sync_free[:, VOCAB:].isfinite().any()
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_masking_paths_agree_at_wide_dense_and_complement_nodes(kernel):
+    """Rows at a dense node of middling width, at a node allowing most tokens, and at narrow nodes, in one step."""
+    rng = random.Random(1)
+    vocab = 400
+    firsts = rng.sample(range(3, vocab), 300)  # the root allows 300 of 400 tokens: a complement node
+    identifiers = {(f, 2) for f in firsts}
+    identifiers |= {(firsts[0], t, 2) for t in rng.sample(range(3, vocab), 120)}  # middling: a dense row
+    identifiers |= {(firsts[1], t, u, 2) for t in range(3, 8) for u in range(3, 6)}  # narrow nodes
+    trie = TokenTrie.build([list(i) for i in sorted(identifiers)], vocab, 2)
+    trie.cpu_kernel = kernel
+    assert trie._complement_nodes.tolist() == [0] and trie._dense_nodes.numel() >= 1
+    prefixes = [[], [firsts[0]], [firsts[1]], [firsts[1], 3], [firsts[2], 2], [7, 7], [firsts[0]]] * 3
+    states = trie.walk(padded(prefixes))
+    scores = torch.randn(states.numel(), vocab + 3)
+    expected = trie.mask_scores_(scores.clone(), states, sync_free=True)
+    assert torch.equal(trie.mask_scores_(scores.clone(), states, sync_free=False), expected)
+    root = naive_trie([list(i) for i in sorted(identifiers)])
+    for row, prefix in zip(expected, prefixes):
+        node = naive_node(root, prefix)
+        allowed = set() if node is None else {k for k in node if k != "id"}
+        assert set(torch.nonzero(row.isfinite()).flatten().tolist()) == allowed
+    tokens = torch.tensor([rng.choice([firsts[0], 2, 5, 3]) for _ in prefixes])
+    reference = trie.walk(padded([p + [int(t)] for p, t in zip(prefixes, tokens)]))
+    trie.cpu_kernel = not kernel
+    assert torch.equal(trie.advance(states, tokens), reference)

@@ -22,6 +22,12 @@ METHODS = [  # key in result["step"], label, style
         "gcr constrained_beam_search (whole step)",
         dict(color="C0", marker="s", linestyle="--"),
     ),
+    ("gcr_eager", "gcr TrieLogitsProcessor, no C kernel (eager torch)", dict(color="C2", marker="D", linestyle="-.")),
+    (
+        "fill_reference",
+        "one scores.fill_(-inf) (the floor; target: gcr <= 1.5x)",
+        dict(color="black", marker="", linestyle="--", linewidth=1),
+    ),
     ("dict_trie", "HF prefix_allowed_tokens_fn + dict trie (GENRE)", dict(color="C3", marker="^")),
     ("marisa_trie", "HF prefix_allowed_tokens_fn + marisa trie", dict(color="C1", marker="v")),
     (
@@ -51,7 +57,10 @@ def plot(data: dict, out: Path) -> None:
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("identifiers")
-        ax.set_title(kind)
+        worst = [r["masking_vs_fill"]["gcr_over_fill_worst_step"] for r in rows if "masking_vs_fill" in r]
+        met = (data.get("summary", {}).get(kind, {}).get("targets_met") or {})
+        marks = "\n".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in met.items() if "fill" in k or "flat" in k)
+        ax.set_title(f"{kind}" + (f" - worst step {max(worst):.2f}x fill\n{marks}" if worst else ""), fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("ms per decoding step (median)")
     settings, env = data["settings"], data["environment"]

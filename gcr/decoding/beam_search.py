@@ -8,15 +8,38 @@ returns what ``generate(num_beams=K, length_penalty=0.0)`` under :class:`TrieLog
 A batch item stops as soon as no running beam can beat its K-th finished hypothesis (an exact bound, like
 ``early_stopping="never"``). When ``num_beams`` is at least the number of identifiers nothing is ever pruned, so
 the result is every identifier ranked by its exact score.
+
+**Scoring only the allowed children** (``output_embedding``). A compact backbone can hand the search its last
+hidden states instead of log-probs, with its output embedding (the rows of its LM head). A step then scores, per
+beam, only the tokens the trie allows after it, so it never writes, masks or ranks a ``(beams, vocab)`` matrix:
+
+* ``normalize="full"`` (the default, exact): the log-probs of the model as trained. A model trained with
+  full-vocabulary cross-entropy defines ``log p(t) = logit_t - logsumexp(all logits)``; the normaliser needs every
+  logit, so the head is applied to the full vocabulary, but only for the beams still alive, and only reduced
+  (``logsumexp``) and gathered at the allowed tokens: no ``log_softmax`` matrix, no mask over it, and a top-k over
+  ``beams x allowed`` instead of ``beams x vocab``. Scores and rankings are those of the full-vocabulary path
+  (up to float rounding). There is no cheaper exact normaliser: ``logsumexp`` over the allowed set only bounds it
+  from below, and proving a ranking from that bound needs the full sums of nearly every beam anyway.
+* ``normalize="allowed"`` (an approximation, opt-in): log-softmax over each beam's allowed children only, i.e. the
+  model's distribution renormalised over the trie (exact for a model trained with a trie-restricted softmax).
+  The head is applied only to the union of the allowed tokens (one gather of output-embedding rows per step), so
+  its cost follows the trie's width, not the vocabulary. Scores are higher than the full ones (each step's
+  normaliser is smaller) and rankings can differ.
+
+A step where a live beam sits at a node allowing more than a quarter of the vocabulary (e.g. the root of
+natural-language identifiers) falls back to the whole matrix, with the same normalisation. This path reads the
+widest live node's degree and the live rows back to the host once per step (free on a CPU; a small sync on an
+accelerator, where the full-vocabulary path needs none).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from torch.nn import functional as F
 
 from gcr.decoding.trie import TokenTrie
 
@@ -53,6 +76,9 @@ def constrained_beam_search(
     state: Any = None,
     reorder_fn: ReorderFn | None = None,
     length_penalty: float = 0.0,
+    output_embedding: torch.Tensor | None = None,
+    output_bias: torch.Tensor | None = None,
+    normalize: Literal["full", "allowed"] = "full",
 ) -> BeamSearchOutput:
     """Find the ``num_beams`` best identifiers of each batch item.
 
@@ -67,9 +93,25 @@ def constrained_beam_search(
             each prompt repeated ``K`` times).
         reorder_fn: applied to the state after every step to follow the surviving beams' parents.
         length_penalty: finished scores are divided by ``length ** length_penalty`` (0 keeps raw sums).
+        output_embedding: ``(vocab, hidden)`` rows of the model's output layer (``lm_head.weight``). When given,
+            ``step_fn`` returns the final hidden states ``(B*K, hidden)`` instead of log-probs, and each step
+            scores only the allowed children of every beam (see the module docstring).
+        output_bias: the output layer's bias ``(vocab,)``, if it has one.
+        normalize: with ``output_embedding``: ``"full"`` (exact log-probs of a model trained with
+            full-vocabulary cross-entropy) or ``"allowed"`` (log-softmax over each beam's allowed children; an
+            approximation unless the model was trained that way).
     """
     if batch_size < 1 or num_beams < 1:
         raise ValueError(f"batch_size and num_beams must be positive, got {batch_size} and {num_beams}")
+    if normalize not in ("full", "allowed"):
+        raise ValueError(f"normalize must be 'full' or 'allowed', got {normalize!r}")
+    head = None
+    if output_embedding is not None:
+        if output_embedding.shape[0] < trie.vocab_size:
+            raise ValueError(
+                f"output_embedding has {output_embedding.shape[0]} rows but the trie's vocab is {trie.vocab_size}"
+            )
+        head = _AllowedChildren(trie, output_embedding, output_bias, normalize)
     B, K, V, eos, device = batch_size, num_beams, trie.vocab_size, trie.eos_token_id, trie.device
     max_length = trie.max_length if max_length is None else min(max_length, trie.max_length)
     neg_inf = float("-inf")
@@ -86,18 +128,27 @@ def constrained_beam_search(
     all_done = _LaggedFlag(device)
 
     for t in range(max_length):
-        log_probs, state = step_fn(tokens, state)
-        if log_probs.shape[0] != B * K or log_probs.shape[1] < V:
-            raise ValueError(
-                f"step_fn returned log-probs of shape {tuple(log_probs.shape)}, expected ({B * K}, >= {V})"
-            )
-        candidates = running.view(-1, 1) + log_probs[:, :V].float()
-        trie.mask_scores_(candidates, states.view(-1), mask_buffer)
-        candidates = candidates.view(B, K, V)
+        out, state = step_fn(tokens, state)
+        if head is not None:
+            if out.dim() != 2 or out.shape[0] != B * K or out.shape[1] != output_embedding.shape[1]:
+                raise ValueError(
+                    f"step_fn returned hidden states of shape {tuple(out.shape)}, expected "
+                    f"({B * K}, {output_embedding.shape[1]}) to match output_embedding"
+                )
+            candidates, cand_tokens = head(out, states.view(-1), running.view(-1), mask_buffer)
+        else:
+            if out.shape[0] != B * K or out.shape[1] < V:
+                raise ValueError(f"step_fn returned log-probs of shape {tuple(out.shape)}, expected ({B * K}, >= {V})")
+            candidates = running.view(-1, 1) + out[:, :V].float()
+            trie.mask_scores_(candidates, states.view(-1), mask_buffer)
+            cand_tokens = None
+        C = candidates.shape[1]  # candidates per beam: the vocabulary, or the widest allowed set this step
+        candidates = candidates.view(B, K, C)
 
         # Finished: EOS candidates among this step's K best candidates.
-        top_scores, top_index = candidates.view(B, K * V).topk(K, dim=1)
-        top_parent, top_token = top_index // V, top_index % V
+        top_scores, top_index = candidates.view(B, K * C).topk(min(K, K * C), dim=1)
+        top_scores, top_index = _pad_to(top_scores, top_index, K)
+        top_parent, top_token = top_index // C, _token_at(top_index, cand_tokens, C)
         ends = (top_token == eos) & (top_scores > neg_inf)
         finished = trie.advance(states.gather(1, top_parent), top_token)
         new_scores = torch.where(ends, top_scores / (t + 1) ** length_penalty, neg_inf)
@@ -110,9 +161,13 @@ def constrained_beam_search(
         best_tokens = torch.cat([best_tokens, new_tokens], 1).gather(1, keep[..., None].expand(B, K, max_length))
 
         # Running: the K best candidates that do not end with EOS.
-        candidates[..., eos] = neg_inf
-        running, run_index = candidates.view(B, K * V).topk(K, dim=1)
-        parent, token = run_index // V, run_index % V
+        if cand_tokens is None:
+            candidates[..., eos] = neg_inf
+        else:
+            candidates = candidates.masked_fill(cand_tokens.view(B, K, C) == eos, neg_inf)
+        running, run_index = candidates.view(B, K * C).topk(min(K, K * C), dim=1)
+        running, run_index = _pad_to(running, run_index, K)
+        parent, token = run_index // C, _token_at(run_index, cand_tokens, C)
         states = torch.where(running > neg_inf, trie.advance(states.gather(1, parent), token), -1)
 
         # Log-probs are <= 0, so a running beam's final score is at most its current sum, divided by the most
@@ -134,6 +189,74 @@ def constrained_beam_search(
         for item_rows, item_found in zip(best_tokens.tolist(), found)
     ]
     return BeamSearchOutput(sequences=sequences, scores=best_scores, identifiers=best_ids)
+
+
+def _token_at(index: torch.Tensor, cand_tokens: torch.Tensor | None, width: int) -> torch.Tensor:
+    """Token of each flat candidate ``index`` into ``(B, K * width)``."""
+    if cand_tokens is None:
+        return index % width
+    return cand_tokens.view(index.shape[0], -1).gather(1, index)
+
+
+def _pad_to(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad top-k results to ``k`` columns (scores -inf, index 0) when there were fewer candidates."""
+    missing = k - scores.shape[1]
+    if missing <= 0:
+        return scores, index
+    return F.pad(scores, (0, missing), value=float("-inf")), F.pad(index, (0, missing), value=0)
+
+
+class _AllowedChildren:
+    """Scores of each beam's allowed children from its hidden state (see the module docstring)."""
+
+    def __init__(self, trie: TokenTrie, weight: torch.Tensor, bias: torch.Tensor | None, normalize: str) -> None:
+        self.trie, self.normalize = trie, normalize
+        self.weight = weight[: trie.vocab_size]
+        self.bias = None if bias is None else bias[: trie.vocab_size]
+
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The output layer (the model's own op and dtype), then float32: over all tokens or ``rows`` of them."""
+        if rows is None:
+            return F.linear(hidden, self.weight, self.bias).float()
+        bias = None if self.bias is None else self.bias[rows]
+        return F.linear(hidden, self.weight[rows], bias).float()
+
+    def __call__(
+        self, hidden: torch.Tensor, states: torch.Tensor, running: torch.Tensor, buffer: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(running + log-probs (N, C), tokens (N, C))``; ``tokens`` is ``None`` when C is the vocabulary."""
+        trie, V, neg_inf = self.trie, self.trie.vocab_size, float("-inf")
+        live = (running > neg_inf) & (states >= 0)
+        node = states.clamp(min=0)
+        degree = torch.where(live, trie.degree[node].long(), 0)
+        width = max(1, int(degree.max()))
+        if 4 * width > V:  # a wide node: score the whole vocabulary this step
+            logits = self.logits(hidden)
+            if self.normalize == "full":
+                candidates = running[:, None] + logits.log_softmax(-1)
+                return trie.mask_scores_(candidates, states, buffer), None
+            masked = trie.mask_scores_(logits, states, buffer)
+            lse = masked.logsumexp(-1, keepdim=True)
+            return running[:, None] + (masked - lse.masked_fill(lse == neg_inf, 0.0)), None
+        offsets = torch.arange(width, device=states.device)
+        valid = offsets < degree[:, None]
+        slots = (trie.edge_start[node].long()[:, None] + offsets).clamp_(max=trie.child_token.numel() - 1)
+        tokens = torch.where(valid, trie.child_token[slots].long(), 0)
+        rows = torch.nonzero(live).squeeze(1)
+        live_tokens, live_valid = tokens[rows], valid[rows]
+        h = hidden[rows]
+        if self.normalize == "full":
+            logits = self.logits(h)
+            scores = logits.gather(1, live_tokens) - logits.logsumexp(-1, keepdim=True)
+            scores = scores.masked_fill(~live_valid, neg_inf)
+        else:
+            union = torch.unique(live_tokens[live_valid])
+            scores = self.logits(h, union).gather(1, torch.searchsorted(union, live_tokens).clamp_(max=union.numel() - 1))
+            scores = scores.masked_fill(~live_valid, neg_inf)
+            scores = scores - scores.logsumexp(-1, keepdim=True)
+        candidates = torch.full((states.numel(), width), neg_inf, device=states.device)
+        candidates[rows] = running[rows, None] + scores
+        return candidates, tokens
 
 
 class _LaggedFlag:

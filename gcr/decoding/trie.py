@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gcr.decoding import _kernel
 from gcr.errors import ArtifactError, IdentifierError
 
 __all__ = ["TokenTrie", "DEAD", "finished_state"]
@@ -75,6 +76,7 @@ class TokenTrie:
         self.max_length = int(max_length)  # tokens in the longest identifier, EOS included
         self.num_identifiers = int(num_identifiers)
         self.version = 0  # bumped by insert()
+        self.cpu_kernel = True  # use gcr.decoding._kernel on the CPU when it builds (False: eager torch only)
         self._num_nodes = indptr.numel() - 1
         self._num_edges = child_token.numel()
         index_dtype = _index_dtype(max(self._num_edges, self._num_nodes, self.num_identifiers + 2))
@@ -105,6 +107,24 @@ class TokenTrie:
         is_dense[dense] = True
         self._sparse_width = int(degree.masked_fill(is_dense, 0).max()) if n else 0
         self._search_steps = int(degree.max()).bit_length() if n else 0
+        self._derive_complement(torch.nonzero(2 * degree > self.vocab_size).squeeze(1))
+
+    def _derive_complement(self, nodes: torch.Tensor) -> None:
+        """Forbidden-token lists of ``nodes`` (sorted), the nodes that allow more than half the vocabulary.
+
+        The CPU masking path writes ``-inf`` only at these tokens for a beam at such a node, instead of restoring
+        most of the row after a fill.
+        """
+        device = self.device
+        self._complement_nodes = nodes.long()
+        table = torch.ones(nodes.numel(), self.vocab_size, dtype=torch.bool, device=device)
+        if nodes.numel():
+            rows, tokens = self._edges_of(nodes)
+            table[rows, tokens] = False
+        rows, tokens = torch.nonzero(table, as_tuple=True)
+        self._complement_tokens = tokens.to(self.child_token.dtype)
+        self._complement_len = torch.bincount(rows, minlength=nodes.numel()).long()
+        self._complement_start = torch.cumsum(self._complement_len, 0) - self._complement_len
 
     # ------------------------------------------------------------------ building
 
@@ -230,7 +250,8 @@ class TokenTrie:
         if self.capacity is not None:
             held.append(self.capacity)
         if derived:
-            held += [self._dense_rows, self._dense_nodes]
+            held += [self._dense_rows, self._dense_nodes, self._complement_nodes, self._complement_tokens]
+            held += [self._complement_start, self._complement_len]
         return sum(t.numel() * t.element_size() for t in held)
 
     def __repr__(self) -> str:
@@ -248,6 +269,10 @@ class TokenTrie:
         Finished and dead beams have no edges, so any token makes them ``DEAD``.
         """
         states, tokens = states.long(), tokens.long()
+        if states.device.type == "cpu" and self.cpu_kernel and _kernel.available():
+            return _kernel.advance(
+                states, tokens.expand_as(states), self.edge_start, self.degree, self.child_node, self.child_token
+            )
         inner = states >= 0
         node = states.clamp(min=0)
         lo = self.edge_start[node].long()
@@ -300,11 +325,16 @@ class TokenTrie:
     ) -> torch.Tensor:
         """Set ``scores[i, t]`` to -inf, in place, wherever token ``t`` would take beam ``i`` off the trie.
 
-        ``scores`` is ``(B, >= vocab_size)``; columns past ``vocab_size`` are all forbidden. The sync-free path
-        (the default on accelerators) is one ``masked_fill_`` with :meth:`forbidden_mask` (``buffer`` as its
-        ``out``). On the CPU, where reading a count back is free, a step with no beam at a dense node writes
-        ``-inf`` everywhere in one streaming fill and puts back only the allowed scores, which avoids reading a
-        mask over the whole matrix.
+        ``scores`` is ``(B, >= vocab_size)``; columns past ``vocab_size`` are all forbidden.
+
+        * Sync-free path (the default on accelerators): one ``masked_fill_`` with :meth:`forbidden_mask`
+          (``buffer`` as its ``out``); no host sync, which is what matters there.
+        * CPU path: every row on its own, in the same step: a row at an ordinary node keeps its few allowed scores
+          (read them, fill the row with -inf, write them back); a row at a node that allows more than half the
+          vocabulary gets -inf only at its forbidden tokens. A step thus costs about one ``fill_(-inf)`` of the
+          matrix whichever nodes its rows sit at (no cliff when one row is at a wide node). With a C compiler
+          this is one fused call (:mod:`gcr.decoding._kernel`); without one, a few eager ops over the allowed
+          (token, row) pairs.
         """
         neg_inf = float("-inf")
         if sync_free is None:
@@ -313,19 +343,73 @@ class TokenTrie:
             scores[:, : self.vocab_size].masked_fill_(self.forbidden_mask(states, out=buffer), neg_inf)
             scores[:, self.vocab_size :] = neg_inf
             return scores
-        states = states.long()
-        is_dense, slot = self._dense_slots(states)
-        if bool(is_dense.any()):
-            # Rows at wide nodes (the first steps): one in-place masked fill beats copying whole rows out and back.
+        if scores.device.type != "cpu" or scores.stride(-1) != 1:
             return self.mask_scores_(scores, states, buffer, sync_free=True)
-        sparse = torch.nonzero(states >= 0).squeeze(1)
-        tokens = self._window(states[sparse])  # padding slots hold vocab_size
-        valid = tokens < self.vocab_size
-        rows = sparse[:, None].expand_as(tokens)[valid]
-        tokens = tokens[valid]
-        kept = scores[rows, tokens]
-        scores.fill_(neg_inf)
-        scores[rows, tokens] = kept
+        states = states.long()
+        start, length, complement = self._row_lists(states)
+        middle = None
+        if self._dense_nodes.numel():
+            # Rows at a dense node allowing neither few nor nearly all tokens: one select against its dense row.
+            is_dense, slot = self._dense_slots(states)
+            middle = is_dense & (torch.minimum(length, self.vocab_size - length) > self.vocab_size // 16)
+            start = torch.where(middle, slot + 1, start)
+        if scores.dtype == torch.float32 and self.cpu_kernel and _kernel.available():
+            mode = complement.to(torch.uint8) if middle is None else torch.where(middle, 2, complement.long())
+            _kernel.mask_rows(
+                scores, start, length, mode.to(torch.uint8), self.child_token, self._complement_tokens,
+                self._dense_rows, self.vocab_size,
+            )
+            return scores
+        return self._mask_rows_eager(scores, start, length, complement, middle)
+
+    def _row_lists(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per state, the token list the CPU path uses: ``(start, length, complement)``.
+
+        ``complement`` False: allowed tokens ``child_token[start : start + length]`` (empty when not a node);
+        True: forbidden tokens ``_complement_tokens[start : start + length]``.
+        """
+        node = states.clamp(min=0)
+        inner = states >= 0
+        start = self.edge_start[node].long()
+        length = torch.where(inner, self.degree[node].long(), 0)
+        if not self._complement_nodes.numel():
+            return start, length, torch.zeros_like(inner)
+        slot = torch.searchsorted(self._complement_nodes, node).clamp_(max=self._complement_nodes.numel() - 1)
+        complement = inner & (self._complement_nodes[slot] == node)
+        start = torch.where(complement, self._complement_start[slot], start)
+        length = torch.where(complement, self._complement_len[slot], length)
+        return start, length, complement
+
+    def _mask_rows_eager(
+        self,
+        scores: torch.Tensor,
+        start: torch.Tensor,
+        length: torch.Tensor,
+        complement: torch.Tensor,
+        middle: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """What the kernel does, as eager ops: over the listed (row, token) pairs, and the dense rows' masks."""
+        neg_inf = float("-inf")
+        dense_rows = None
+        if middle is not None and bool(middle.any()):
+            dense_rows = torch.nonzero(middle).squeeze(1)
+            complement = complement & ~middle
+            dense = scores[dense_rows, : self.vocab_size].masked_fill_(
+                self._dense_rows[start[dense_rows], : self.vocab_size], neg_inf
+            )
+        keep = ~complement if dense_rows is None else ~complement & ~middle
+        keep_rows, keep_tokens = _expand(start, length.masked_fill(~keep, 0), self.child_token)
+        kept = scores[keep_rows, keep_tokens]
+        if bool(keep.all()):
+            scores.fill_(neg_inf)
+        else:
+            scores.index_fill_(0, torch.nonzero(keep).squeeze(1), neg_inf)
+            forbid_rows, forbid_tokens = _expand(start, length.masked_fill(~complement, 0), self._complement_tokens)
+            scores[forbid_rows, forbid_tokens] = neg_inf
+            scores[~keep, self.vocab_size :] = neg_inf
+        scores[keep_rows, keep_tokens] = kept
+        if dense_rows is not None:
+            scores[dense_rows, : self.vocab_size] = dense
         return scores
 
     def _dense_slots(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -557,6 +641,10 @@ class TokenTrie:
             node_slot = torch.searchsorted(self._dense_nodes, nodes).clamp_(max=self._dense_nodes.numel() - 1)
             degree = degree.masked_fill(self._dense_nodes[node_slot] == nodes, 0)
         self._sparse_width = max(self._sparse_width, int(degree.max()))
+        if self._complement_nodes.numel() and bool(torch.isin(nodes, self._complement_nodes).any()):
+            self._derive_complement(self._complement_nodes)  # a wide node gained children: shorter lists
+        if self._complement_tokens.dtype != self.child_token.dtype:
+            self._complement_tokens = self._complement_tokens.to(self.child_token.dtype)
 
     def _reserve_edges(self, needed: int) -> None:
         if needed > self.child_token.numel():
@@ -580,6 +668,14 @@ def _index_dtype(size: int) -> torch.dtype:
 
 def _token_dtype(vocab_size: int) -> torch.dtype:
     return torch.int16 if vocab_size <= 2**15 - 1 else torch.int32
+
+
+def _expand(start: torch.Tensor, length: torch.Tensor, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(row, token)`` for every ``pool[start[r] : start[r] + length[r]]``, rows in order."""
+    rows = torch.repeat_interleave(torch.arange(start.numel(), device=start.device), length)
+    first = torch.cumsum(length, 0) - length
+    slots = torch.repeat_interleave(start - first, length) + torch.arange(rows.numel(), device=start.device)
+    return rows, pool[slots].long()
 
 
 def _grow(tensor: torch.Tensor, size: int) -> torch.Tensor:

@@ -164,6 +164,40 @@ class GenerativeBackbone(nn.Module):
         return self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
     @torch.no_grad()
+    def search(
+        self,
+        batch: dict[str, torch.Tensor],
+        trie: Any,
+        *,
+        num_beams: int,
+        max_new_tokens: int,
+        eos_token_id: int | None = None,
+        synced_gpus: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``num_beams`` best identifiers of each query under ``trie``: ``(ids (B, K), scores (B, K))``.
+
+        ``ids`` are trie identifier positions, best first (``-1`` where fewer identifiers exist than beams or a
+        row is not an identifier); scores are summed log-probabilities. This is the one retrieval call of every
+        backbone: HF-based ones run ``generate()`` under a :class:`~gcr.decoding.TrieLogitsProcessor` (here),
+        compact ones override it with :func:`~gcr.decoding.constrained_beam_search`.
+        """
+        from transformers import LogitsProcessorList
+
+        from gcr.decoding import TrieLogitsProcessor
+
+        eos = self.tokenizer.eos_token_id if eos_token_id is None else int(eos_token_id)
+        processor = TrieLogitsProcessor(trie, prompt_length=batch["input_ids"].shape[1], eos_token_id=eos,
+                                        pad_token_id=self.tokenizer.pad_token_id, num_beams=num_beams)
+        tokens, scores = self.generate(batch, logits_processor=LogitsProcessorList([processor]), num_beams=num_beams,
+                                       max_new_tokens=max_new_tokens, synced_gpus=synced_gpus)
+        processor.check()
+        is_end = tokens == eos
+        after_end = (torch.cumsum(is_end, 1) - is_end.long()) > 0  # generate() pads finished rows
+        ids = trie.identifier_of(trie.walk(tokens.masked_fill(after_end, -1), pad=-1))
+        rows = batch["input_ids"].shape[0]
+        return ids.view(rows, num_beams), scores.view(rows, num_beams)
+
+    @torch.no_grad()
     def generate(
         self,
         batch: dict[str, torch.Tensor],

@@ -33,7 +33,6 @@ writes the identifier, attending to *every* layer of that tower:
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Mapping, Sequence
 from itertools import chain
 from pathlib import Path
@@ -326,10 +325,11 @@ class CartNetwork(nn.Module):
 
     # -- decoding ------------------------------------------------------------------------------
     def decode(self, ids: torch.Tensor, caches: list[dict], mask: torch.Tensor, *, group: int = 1, start: int = 0,
-               past: list | None = None):
+               past: list | None = None, project: bool = True):
         """Logits (N, t, V) of decoder inputs ``ids`` (N, t) at positions ``start..``; N = B * group, item-major.
 
         ``past`` (one (k, v) per layer) continues a KV cache; the updated cache is returned with the logits.
+        ``project=False`` returns the final hidden states (N, t, d) instead, before the output head.
         """
         positions = torch.arange(start, start + ids.shape[1], device=ids.device)
         h = self.embed(ids) + self.pos(positions)
@@ -337,7 +337,8 @@ class CartNetwork(nn.Module):
         for i, layer in enumerate(self.layers):
             h, kv = layer(h, caches[i], mask, group, None if past is None else past[i])
             present.append(kv)
-        return self.head(self.norm(h)), present
+        h = self.norm(h)
+        return (self.head(h) if project else h), present
 
     # -- vocabulary ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -423,7 +424,6 @@ class CartBackbone(GenerativeBackbone):
         self.rdrop_weight = float(opts["rdrop_weight"])
         self.seed = int(opts["seed"])
         self._features: dict[str, torch.Tensor] = {}  # image path -> (cells + 1, sum widths) float16, CPU
-        self._identifier_tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @staticmethod
     def _check_options(o: dict[str, Any]) -> None:
@@ -657,66 +657,49 @@ class CartBackbone(GenerativeBackbone):
 
     # -- decoding -----------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, batch: dict[str, torch.Tensor], *, logits_processor: Any, num_beams: int,
-                 max_new_tokens: int, synced_gpus: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Constrained beam search under the processor's trie: ``(tokens (B*K, T), scores (B*K,))``.
+    def search(self, batch: dict[str, torch.Tensor], trie: Any, *, num_beams: int, max_new_tokens: int,
+               eos_token_id: int | None = None, synced_gpus: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Constrained beam search straight over ``trie``: ``(identifier ids (B, K), scores (B, K))``, best first.
 
-        Rows are the K best identifiers of each query, best first, EOS-padded after their end; scores are summed
-        log-probs. Slots beyond the identifiers that exist hold EOS tokens and score -1e9.
+        Slots beyond the identifiers that exist hold ``-1`` and score -1e9; scores are summed log-probs.
         """
-        from gcr.decoding import TrieLogitsProcessor, constrained_beam_search
+        from gcr.decoding import constrained_beam_search
 
         if synced_gpus:
             raise ConfigError("model 'cart' does not support sharded strategies (FSDP/DeepSpeed); use ddp")
-        processors = logits_processor if isinstance(logits_processor, Sequence) else [logits_processor]
-        processor = next((p for p in processors if isinstance(p, TrieLogitsProcessor)), None)
-        if processor is None:
-            raise ConfigError("model 'cart' decodes under a trie: pass a TrieLogitsProcessor in logits_processor")
-        trie, eos = processor.trie, processor.eos_token_id
-        if eos != self.tokenizer.eos_token_id:
-            raise ConfigError(f"the trie's end token ({eos}) is not the tokenizer's EOS ({self.tokenizer.eos_token_id}); "
-                              "model 'cart' cannot write rationales: set rgs.enabled=false")
+        self._check_search(trie, eos_token_id)
         B, K = batch["input_ids"].shape[0], int(num_beams)
         memory, mask = self.encode(batch)
         caches = self.model.memory_cache(memory)
         bos = self.tokenizer.bos_token_id
-        if trie.max_length > int(self.opts["max_id_tokens"]):
-            raise ConfigError(f"identifiers of {trie.max_length} tokens exceed model.max_id_tokens")
 
+        # The search applies the head itself, only where the trie allows (exact full-vocabulary log-probs).
         def step(tokens: torch.Tensor, past):
             t = tokens.shape[1]
             if t == 0:  # every beam of a query starts from BOS: decode one row per query, then copy it K times
-                logits, present = self.model.decode(tokens.new_full((B, 1), bos), caches, mask)
+                hidden, present = self.model.decode(tokens.new_full((B, 1), bos), caches, mask, project=False)
                 present = [(k.repeat_interleave(K, 0), v.repeat_interleave(K, 0)) for k, v in present]
-                return logits[:, -1].float().log_softmax(-1).repeat_interleave(K, 0), present
-            logits, present = self.model.decode(tokens[:, -1:], caches, mask, group=K, start=t, past=past)
-            return logits[:, -1].float().log_softmax(-1), present
+                return hidden[:, -1].repeat_interleave(K, 0), present
+            hidden, present = self.model.decode(tokens[:, -1:], caches, mask, group=K, start=t, past=past,
+                                                project=False)
+            return hidden[:, -1], present
 
         def reorder(past, beam_idx):
             return [(k[beam_idx], v[beam_idx]) for k, v in past]
 
-        found = constrained_beam_search(step, trie, B, K, max_new_tokens, reorder_fn=reorder)
-        table = self._identifier_table(trie)
+        found = constrained_beam_search(step, trie, B, K, max_new_tokens, reorder_fn=reorder,
+                                        output_embedding=self.model.head.weight, normalize="full")
         missing = found.identifiers < 0
-        tokens = table[found.identifiers.clamp(min=0)].masked_fill(missing[..., None], eos)
-        scores = found.scores.masked_fill(missing, _FILLER)
-        return tokens.view(B * K, -1), scores.view(-1)
+        return found.identifiers, found.scores.masked_fill(missing, _FILLER)
 
-    def _identifier_table(self, trie) -> torch.Tensor:
-        """(identifiers, max_length) token ids of every identifier of ``trie``, EOS-padded (cached per trie)."""
-        key = (trie.num_identifiers, trie.max_length, str(trie.device))
-        cached = self._identifier_tables.get(trie)
-        if cached is None or cached[0] != key:
-            width = trie.max_length
-            sequences = trie.sequences()
-            lengths = torch.tensor([len(s) for s in sequences])
-            table = torch.full((len(sequences), width), trie.eos_token_id, dtype=torch.long)
-            table[torch.arange(width)[None, :] < lengths[:, None]] = torch.tensor(
-                list(chain.from_iterable(sequences)), dtype=torch.long
-            )
-            cached = (key, table.to(trie.device))
-            self._identifier_tables[trie] = cached
-        return cached[1]
+    def _check_search(self, trie: Any, eos_token_id: int | None) -> None:
+        """A compact decoder ends identifiers with EOS and has positions for ``max_id_tokens`` of them."""
+        eos = self.tokenizer.eos_token_id if eos_token_id is None else int(eos_token_id)
+        if eos != self.tokenizer.eos_token_id:
+            raise ConfigError(f"the trie's end token ({eos}) is not the tokenizer's EOS ({self.tokenizer.eos_token_id}); "
+                              f"model {self.name!r} cannot write rationales: set rgs.enabled=false")
+        if trie.max_length > int(self.opts["max_id_tokens"]):
+            raise ConfigError(f"identifiers of {trie.max_length} tokens exceed model.max_id_tokens; raise it")
 
     def generate_text(self, batch, *, num_beams: int = 3, max_new_tokens: int = 32) -> list[str]:
         raise ConfigError(

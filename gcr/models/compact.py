@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -205,7 +204,6 @@ class CompactBackbone(CartBackbone):
         self.rdrop_weight = float(opts["rdrop_weight"])
         self.seed = int(opts["seed"])
         self.train_encoder = False
-        self._identifier_tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @staticmethod
     def _check_options(o: dict[str, Any]) -> None:
@@ -319,23 +317,14 @@ class CompactBackbone(CartBackbone):
 
     # -- decoding -----------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, batch: dict[str, torch.Tensor], *, logits_processor: Any, num_beams: int,
-                 max_new_tokens: int, synced_gpus: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Constrained beam search under the processor's trie: ``(tokens (B*K, T), scores (B*K,))``, as CART's."""
-        from gcr.decoding import TrieLogitsProcessor, constrained_beam_search
+    def search(self, batch: dict[str, torch.Tensor], trie: Any, *, num_beams: int, max_new_tokens: int,
+               eos_token_id: int | None = None, synced_gpus: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Constrained beam search straight over ``trie``: ``(identifier ids (B, K), scores (B, K))``, as CART's."""
+        from gcr.decoding import constrained_beam_search
 
         if synced_gpus:
             raise ConfigError("model 'compact' does not support sharded strategies (FSDP/DeepSpeed); use ddp")
-        processors = logits_processor if isinstance(logits_processor, Sequence) else [logits_processor]
-        processor = next((p for p in processors if isinstance(p, TrieLogitsProcessor)), None)
-        if processor is None:
-            raise ConfigError("model 'compact' decodes under a trie: pass a TrieLogitsProcessor in logits_processor")
-        trie, eos = processor.trie, processor.eos_token_id
-        if eos != self.tokenizer.eos_token_id:
-            raise ConfigError(f"the trie's end token ({eos}) is not the tokenizer's EOS ({self.tokenizer.eos_token_id}); "
-                              "model 'compact' cannot write rationales: set rgs.enabled=false")
-        if trie.max_length > int(self.opts["max_id_tokens"]):
-            raise ConfigError(f"identifiers of {trie.max_length} tokens exceed model.max_id_tokens; raise it")
+        self._check_search(trie, eos_token_id)
         B, K = batch["input_ids"].shape[0], int(num_beams)
         memory, mask = self.encode(batch)
         caches = self.model.memory_cache(memory)
@@ -352,10 +341,7 @@ class CompactBackbone(CartBackbone):
 
         found = constrained_beam_search(step, trie, B, K, max_new_tokens,
                                         reorder_fn=lambda past, idx: _map_past(past, lambda x: x[idx]))
-        table = self._identifier_table(trie)
-        missing = found.identifiers < 0
-        tokens = table[found.identifiers.clamp(min=0)].masked_fill(missing[..., None], eos)
-        return tokens.view(B * K, -1), found.scores.masked_fill(missing, _FILLER).view(-1)
+        return found.identifiers, found.scores.masked_fill(found.identifiers < 0, _FILLER)
 
     def generate_text(self, batch, *, num_beams: int = 3, max_new_tokens: int = 32) -> list[str]:
         raise ConfigError(
