@@ -1,5 +1,5 @@
 # gcr: two commands do all set-up on a fresh machine.
-#   make run    venv + install + generate the default data + train + evaluate + print the table (CPU, minutes)
+#   make run    venv + install + generate the default data + train + evaluate + print the table (CPU, ~5 min)
 #   make test   venv + install + the test suite (what CI runs)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -23,8 +23,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# The default job: dense + hkmeans on the shared compact backbone, both directions (configs/experiment/quickstart.yaml).
 run: install
-	$(BIN)/gcr fit $(ARGS)
+	$(BIN)/gcr fit +experiment=quickstart $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q -m "not slow" --timeout=900
