@@ -380,6 +380,24 @@ def efficientnet_stages(net: nn.Module, pixels: torch.Tensor) -> list[torch.Tens
 
 
 # -- the backbone ---------------------------------------------------------------------------------
+def check_decoder_options(o: dict[str, Any]) -> None:
+    """The options of a compact identifier decoder (``cart``, ``compact``): fusion, sizes, dropout, R-Drop."""
+    if o["fusion"] not in FUSIONS:
+        raise ConfigError(f"unknown model.fusion {o['fusion']!r}; choose one of {', '.join(FUSIONS)}")
+    for key in ("d_model", "num_layers", "num_heads", "ffn_dim", "max_text_tokens", "max_id_tokens",
+                "image_size", "image_grid"):
+        if int(o[key]) < 1:
+            raise ConfigError(f"model.{key} must be a positive integer, got {o[key]}")
+    if int(o["d_model"]) % int(o["num_heads"]):
+        raise ConfigError(f"model.d_model ({o['d_model']}) must be divisible by model.num_heads ({o['num_heads']})")
+    if not 0.0 <= float(o["dropout"]) < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {o['dropout']}")
+    if float(o["rdrop_weight"]) < 0:
+        raise ConfigError(f"model.rdrop_weight must be >= 0 (0 disables R-Drop), got {o['rdrop_weight']}")
+    if not 1 <= int(o["image_grid"]) <= 7:
+        raise ConfigError(f"model.image_grid must be 1..7 (cells per side of the 7x7 map), got {o['image_grid']}")
+
+
 class CartBackbone(GenerativeBackbone):
     """CART: frozen MiniLM / EfficientNet-Lite0 layers -> coarse-to-fine fusion -> compact identifier decoder."""
 
@@ -427,20 +445,7 @@ class CartBackbone(GenerativeBackbone):
 
     @staticmethod
     def _check_options(o: dict[str, Any]) -> None:
-        if o["fusion"] not in FUSIONS:
-            raise ConfigError(f"unknown model.fusion {o['fusion']!r}; choose one of {', '.join(FUSIONS)}")
-        for key in ("d_model", "num_layers", "num_heads", "ffn_dim", "max_text_tokens", "max_id_tokens",
-                    "image_size", "image_grid"):
-            if int(o[key]) < 1:
-                raise ConfigError(f"model.{key} must be a positive integer, got {o[key]}")
-        if int(o["d_model"]) % int(o["num_heads"]):
-            raise ConfigError(f"model.d_model ({o['d_model']}) must be divisible by model.num_heads ({o['num_heads']})")
-        if not 0.0 <= float(o["dropout"]) < 1.0:
-            raise ConfigError(f"model.dropout must be in [0, 1), got {o['dropout']}")
-        if float(o["rdrop_weight"]) < 0:
-            raise ConfigError(f"model.rdrop_weight must be >= 0 (0 disables R-Drop), got {o['rdrop_weight']}")
-        if not 1 <= int(o["image_grid"]) <= 7:
-            raise ConfigError(f"model.image_grid must be 1..7 (cells per side of the 7x7 map), got {o['image_grid']}")
+        check_decoder_options(o)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod

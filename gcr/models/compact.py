@@ -32,13 +32,13 @@ from gcr.data.corpus import Content, Corpus
 from gcr.errors import ArtifactError, ConfigError, DataError
 from gcr.models.base import BACKBONE_FILE, GenerativeBackbone
 from gcr.models.cart import (
-    FUSIONS,
     INIT_STD,
     WEIGHTS_FILE,
     CartBackbone,
     CartNetwork,
     CoarseFineFusion,
     DecoderLayer,
+    check_decoder_options,
 )
 from gcr.models.query_encoders import ENCODERS, ENCODINGS, EncodingCache, QueryEncoder, build_query_encoder
 
@@ -214,18 +214,7 @@ class CompactBackbone(CartBackbone):
             raise ConfigError(f"unknown model.encoder {o['encoder']!r}; choose one of {', '.join(ENCODERS)}")
         if o["decoder"] not in DECODERS:
             raise ConfigError(f"unknown model.decoder {o['decoder']!r}; choose one of {', '.join(DECODERS)}")
-        if o["fusion"] not in FUSIONS:
-            raise ConfigError(f"unknown model.fusion {o['fusion']!r}; choose one of {', '.join(FUSIONS)}")
-        for key in ("d_model", "num_layers", "num_heads", "ffn_dim", "max_text_tokens", "max_id_tokens",
-                    "image_size", "image_grid"):
-            if int(o[key]) < 1:
-                raise ConfigError(f"model.{key} must be a positive integer, got {o[key]}")
-        if int(o["d_model"]) % int(o["num_heads"]):
-            raise ConfigError(f"model.d_model ({o['d_model']}) must be divisible by model.num_heads ({o['num_heads']})")
-        if not 0.0 <= float(o["dropout"]) < 1.0:
-            raise ConfigError(f"model.dropout must be in [0, 1), got {o['dropout']}")
-        if float(o["rdrop_weight"]) < 0:
-            raise ConfigError(f"model.rdrop_weight must be >= 0 (0 disables R-Drop), got {o['rdrop_weight']}")
+        check_decoder_options(o)
         if int(o["vocab_size"]) < 0:
             raise ConfigError(f"model.vocab_size must be >= 0 (corpus words in the vocabulary), got {o['vocab_size']}")
 
