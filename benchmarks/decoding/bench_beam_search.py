@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from identifiers import CODEBOOK, EOS, MAX_LEVELS, fixed_codes  # noqa: E402
 
 from gcr.decoding import TokenTrie, constrained_beam_search  # noqa: E402
-from gcr.models.cart import CartNetwork  # noqa: E402
+from gcr.models.cart_network import CartNetwork  # noqa: E402
 
 VOCAB = 3 + MAX_LEVELS * CODEBOOK  # pad, BOS, EOS + the code slots
 BOS = 1

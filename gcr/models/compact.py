@@ -31,15 +31,8 @@ from torch import nn
 from gcr.data.corpus import Content, Corpus
 from gcr.errors import ArtifactError, ConfigError, DataError
 from gcr.models.base import BACKBONE_FILE, GenerativeBackbone
-from gcr.models.cart import (
-    INIT_STD,
-    WEIGHTS_FILE,
-    CartBackbone,
-    CartNetwork,
-    CoarseFineFusion,
-    DecoderLayer,
-    check_decoder_options,
-)
+from gcr.models.cart import WEIGHTS_FILE, CartBackbone, check_decoder_options
+from gcr.models.cart_network import INIT_STD, CartNetwork, CoarseFineFusion, DecoderLayer
 from gcr.models.query_encoders import ENCODERS, ENCODINGS, EncodingCache, QueryEncoder, build_query_encoder
 
 DECODERS = ("transformer", "gru")
