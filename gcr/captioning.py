@@ -60,8 +60,8 @@ class _Captioner:
     max_new_tokens: int
     empty_hint = ""
 
-    def caption(self, images: Sequence[Content], *, batch_size: int = 64) -> list[str]:
-        """One caption per image (beam search, best beam), in order, with a progress bar.
+    def caption(self, images: Sequence[Content], *, batch_size: int = 64, rank: int = 0) -> list[str]:
+        """One caption per image (beam search; the best beam, or the ``rank``-th best), in order, with a progress bar.
 
         Raises :class:`DataError` when any caption comes out empty (a description without words cannot
         build an identifier), naming how many.
@@ -72,6 +72,8 @@ class _Captioner:
         _check_images(images, type(self).__name__)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
         backbone = self.backbone
         backbone.eval()
         device = next(backbone.parameters()).device
@@ -81,11 +83,11 @@ class _Captioner:
                 chunk = images[start : start + batch_size]
                 batch = {k: v.to(device) for k, v in backbone.batch(chunk).items()}
                 self._before_generate()
-                out.extend(
-                    backbone.generate_text(
-                        batch, num_beams=self.num_beams, max_new_tokens=self.max_new_tokens
-                    )
+                beams = backbone.generate_text(
+                    batch, num_beams=self.num_beams, max_new_tokens=self.max_new_tokens,
+                    num_return_sequences=rank + 1,
                 )
+                out.extend(beams[rank :: rank + 1])
                 bar.update(len(chunk))
         empty = [i for i, text in enumerate(out) if not text]
         if empty:

@@ -79,12 +79,20 @@ def _groups(cdir: Path) -> list[str]:
     return sorted(p.name for p in cdir.iterdir() if p.is_dir() and p.name != "bench")
 
 
+#: keys gcr used to have -> what to write now (said when an old command line or script uses them)
+RENAMED_KEYS: dict[str, str] = {
+    "augment.caption_queries": "augment.pseudo_queries=N (N generated captions per image target; true was N=1)",
+}
+
+
 def _explain_config_error(message: str, cdir: Path) -> str:
     groups = _groups(cdir)
     first = message.strip().splitlines()[0]
     key = re.search(r"override '([^']+)'", message) or re.search(r"full_key: (\S+)", message)
     if key and ("not in struct" in message or "Could not override" in message):
         key_name = key.group(1).lstrip("+~")
+        if key_name in RENAMED_KEYS:
+            return f"{key_name} was renamed; write {RENAMED_KEYS[key_name]}"
         owners = _options_defining(key_name, cdir)
         if owners:
             group = key_name.split(".")[0]

@@ -53,6 +53,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "gsv.pairs_per_step": (0, None, True),
     "rgs.weight": (0, None, True),
     "rgs.max_tokens": (1, None, True),
+    "augment.pseudo_queries": (0, 20, True),
     "data.num_images": (10, None, True),
 }
 
@@ -232,9 +233,10 @@ def check_combinations(cfg: DictConfig, scheme: Any) -> None:
         raise ConfigError(f"scheme.generator=mllm asks the run's backbone to write the identifiers, which {model} "
                           "cannot; use scheme.generator=parser, or a backbone that writes text "
                           f"({_choices(BACKBONES, 'writes_text', ', ')})")
-    if cfg.get("augment") is not None and cfg.augment.caption_queries and "t2i" not in cfg.directions:
-        raise ConfigError("augment.caption_queries=true adds generated captions as text-to-image queries, "
-                          "but directions has no t2i; add it (directions=[t2i,i2t]) or set augment.caption_queries=false")
+    if cfg.get("augment") is not None and cfg.augment.pseudo_queries and "t2i" not in cfg.directions:
+        raise ConfigError("augment.pseudo_queries adds generated captions as text-to-image queries (caption targets "
+                          "get none), but directions has no t2i; add it (directions=[t2i,i2t]) or set "
+                          "augment.pseudo_queries=0")
 
 
 def _dense_choice(cfg: DictConfig) -> str:

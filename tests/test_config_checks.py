@@ -39,7 +39,9 @@ CASES = {
     "scheme=ssi scheme.generator=mllm model=cart": ["scheme=ssi", "model=cart"],
     "data=feature_items data.json=a.json data.features=f model=tiny": ["model=tiny", "feature items", "model=cart"],
     "data=feature_items data.json=a.json data.features=f model=cart": ["dense=clip_tiny", "dense=pretrained"],
-    "augment.caption_queries=true directions=[i2t]": ["augment.caption_queries", "t2i"],
+    "augment.pseudo_queries=2 directions=[i2t]": ["augment.pseudo_queries", "t2i"],
+    "augment.pseudo_queries=-1": ["augment.pseudo_queries"],
+    "augment.caption_queries=true": ["renamed", "augment.pseudo_queries=N"],
 }
 
 

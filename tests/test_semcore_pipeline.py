@@ -32,7 +32,7 @@ def semcore_run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("semcore")
     overrides = [f"output_dir={tmp / 'runs'}", f"data.root={tmp / 'data'}", *TINY,
-                 "scheme=semcore", "gsv.enabled=true", "augment.caption_queries=true"]
+                 "scheme=semcore", "gsv.enabled=true", "augment.pseudo_queries=1"]
     cfg = compose(overrides, config_dir())
     return cfg, fit(cfg)
 
@@ -65,19 +65,22 @@ def test_identifiers_are_words_from_the_generated_captions(semcore_run):
         assert set(words) <= vocabulary, f"{identifier!r} uses words no caption has"
 
 
-def test_caption_queries_add_one_pseudo_query_per_image(semcore_run):
+def test_pseudo_queries_add_one_generated_caption_per_image(semcore_run):
     from gcr.index import IdentifierIndex
-    from gcr.train.pipeline import _caption_queries
+    from gcr.train.pseudo_queries import pseudo_queries
 
-    cfg, _ = semcore_run
+    cfg, results = semcore_run
     corpus = load_dataset(cfg.data)
     task = retrieval_task(corpus, "t2i")
     index = IdentifierIndex.load(Path(cfg.output_dir) / cfg.run_name / "t2i")
-    extra = _caption_queries(cfg, corpus, task, index, dense=None)  # captions come from the cache
-    assert len(extra) == len(task.targets)
+    generated = pseudo_queries(cfg, corpus, task, index, captioner_factory=None)  # captions come from the cache
+    assert len(generated.examples) == len(task.targets)
     captions = json.loads(next(Path(cfg.cache_dir).glob("captions-*.json")).read_text())["captions"]
-    for example, target in zip(extra, task.targets):
+    for example, target in zip(generated.examples, task.targets):
         assert example.content.modality == "text" and example.content.value == captions[target.target_id]
         assert list(example.target) == index.token_ids[index.identifier_of(target.target_id)]
-    cfg.augment.caption_queries = False
-    assert _caption_queries(cfg, corpus, task, index, dense=None) == []
+    row = next(r for r in results["rows"] if r["method"] == "semcore")
+    assert row["index"]["pseudo_queries"]["added"] == len(task.targets)
+    assert "train split only" in row["index"]["pseudo_queries"]["source"]
+    cfg.augment.pseudo_queries = 0
+    assert pseudo_queries(cfg, corpus, task, index, captioner_factory=None).examples == []

@@ -244,16 +244,18 @@ class GenerativeBackbone(nn.Module):
 
     @torch.no_grad()
     def generate_text(
-        self, batch: dict[str, torch.Tensor], *, num_beams: int = 3, max_new_tokens: int = 32
+        self, batch: dict[str, torch.Tensor], *, num_beams: int = 3, max_new_tokens: int = 32,
+        num_return_sequences: int = 1,
     ) -> list[str]:
-        """Unconstrained beam search (no trie): the best beam of each row, decoded without special tokens.
+        """Unconstrained beam search (no trie), decoded without special tokens.
 
+        Returns the best ``num_return_sequences`` beams of each row, row after row (so ``n * rows`` texts).
         Used to describe inputs in free text (e.g. image captions); the prompt comes from :meth:`batch`.
         """
         out = self.model.generate(
             **self.generation_inputs(batch),
-            num_beams=num_beams,
-            num_return_sequences=1,
+            num_beams=max(num_beams, num_return_sequences),
+            num_return_sequences=num_return_sequences,
             do_sample=False,
             max_new_tokens=max_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id,

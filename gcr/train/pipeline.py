@@ -50,6 +50,7 @@ from gcr.schemes import SchemeContext
 from gcr.train.callbacks import ConstrainedDecoding, RetrievalEvaluation
 from gcr.train.datamodule import GenerativeDataModule
 from gcr.train.module import GenerativeRetrievalModule, check_checkpoint_identity, check_checkpoint_keys
+from gcr.train.pseudo_queries import pseudo_queries
 from gcr.train.quiet import silence_third_party
 from gcr.train.reproducible import EpochEndCheckpoint, EpochSeed
 from gcr.train.trainer import build_trainer
@@ -154,9 +155,12 @@ def _fit_direction(cfg: DictConfig, corpus: Corpus, direction: str, dense, out_d
     index.save(out_dir)
     if rgs is not None:
         write_json(out_dir / "rationales.json", dict(zip([t.target_id for t in task.targets], scheme.rationales())))
-    results, per_query, train_seconds = _train_and_evaluate(cfg, corpus, task, index, backbone, dense, rgs,
-                                                            out_dir, tracked)
-    stats = {**index.stats(), "build_seconds": index_seconds, **scheme.stats()}
+    generated = pseudo_queries(cfg, corpus, task, index, _captioner_factory(cfg, dense))
+    if generated.examples:
+        generated.save(out_dir)
+    results, per_query, train_seconds = _train_and_evaluate(cfg, task, index, backbone, rgs, out_dir, tracked,
+                                                            extra_examples=generated.examples)
+    stats = {**index.stats(), "build_seconds": index_seconds, **scheme.stats(), "pseudo_queries": generated.record}
     if needs.descriptions:
         stats["description"] = cfg.description.source
     return _rows(cfg, task.direction, results, train_seconds, stats, per_query)
@@ -182,7 +186,7 @@ def _build_index(cfg: DictConfig, corpus: Corpus, scheme, task: RetrievalTask, f
     return index, time.perf_counter() - start
 
 
-def _train_and_evaluate(cfg, corpus, task, index, backbone, dense, rgs, out_dir: Path, tracked):
+def _train_and_evaluate(cfg, task, index, backbone, rgs, out_dir: Path, tracked, *, extra_examples=()):
     """Train (resuming from ``last.ckpt``), save the backbone, score the test split."""
     verifier, pairs = _verifier(cfg, task, index, backbone)
     module = GenerativeRetrievalModule(
@@ -193,7 +197,7 @@ def _train_and_evaluate(cfg, corpus, task, index, backbone, dense, rgs, out_dir:
     data = GenerativeDataModule(
         task, index, backbone, batch_size=cfg.trainer.batch_size, eval_batch_size=cfg.eval.batch_size,
         verifier=verifier, verification_pairs=pairs, pairs_per_step=int(cfg.gsv.pairs_per_step), seed=int(cfg.seed),
-        extra_examples=_caption_queries(cfg, corpus, task, index, dense),
+        extra_examples=list(extra_examples),
         rationales=rgs.token_ids if rgs else None,
     )
     evaluation = RetrievalEvaluation(tuple(cfg.eval.ks))
@@ -242,25 +246,6 @@ def _captioner_factory(cfg: DictConfig, dense):
     from gcr.models.tiny import TinyBackbone
 
     return lambda corpus: TinyBackbone.create(corpus)
-
-
-def _caption_queries(cfg: DictConfig, corpus: Corpus, task, index, dense) -> list:
-    """CART's caption-enhanced training queries: each image target's generated caption -> its identifier.
-
-    The captions come from the ``description`` captioner (trained on the train split only), so test images
-    gain pseudo-queries without any test caption being read. Text-to-image only (image queries cannot be made).
-    """
-    if not cfg.augment.caption_queries or task.direction != "t2i":
-        return []
-    from gcr.data.corpus import Content
-    from gcr.train.captioner import generated_captions
-    from gcr.train.datamodule import Example
-
-    captions = generated_captions(cfg, corpus, _captioner_factory(cfg, dense))
-    return [
-        Example(Content.text(captions[t.target_id]), tuple(index.token_ids[index.identifier_of(t.target_id)]))
-        for t in task.targets if captions.get(t.target_id, "").strip()
-    ]
 
 
 def _verifier(cfg: DictConfig, task, index, backbone):
