@@ -242,10 +242,13 @@ def _captioner_factory(cfg: DictConfig, dense):
     """``corpus -> backbone`` for the description captioner: the run's model, or ``tiny`` if it cannot write text."""
     if getattr(BACKBONES.get(cfg.model.name), "writes_text", True):
         return lambda corpus: build_backbone(cfg, corpus, dense)
-    log.info("model %r cannot write captions; the description captioner is a tiny model", cfg.model.name)
-    from gcr.models.tiny import TinyBackbone
+    def tiny_captioner(corpus: Corpus):
+        from gcr.models.tiny import TinyBackbone
 
-    return lambda corpus: TinyBackbone.create(corpus)
+        log.info("model %r cannot write captions; the description captioner is a tiny model", cfg.model.name)
+        return TinyBackbone.create(corpus)
+
+    return tiny_captioner
 
 
 def _verifier(cfg: DictConfig, task, index, backbone):
