@@ -17,6 +17,9 @@ writes the identifier, attending to *every* layer of that tower:
   computed from the decoder state; ``fine`` = one cross-attention per encoder layer, mixed with learned softmax
   weights; ``coarse_fine`` adds both. ``last`` is plain cross-attention to the last layer (no fusion: the
   ablation). The L fine attentions run as one batched attention (``L * heads`` heads), not a loop.
+  ``candidate`` is the fusion with the candidate: ``coarse_fine`` whose coarse branch attends with the K-Means
+  centroid of the decoded prefix and whose fine branch attends with the sum of its RQ-VAE codebook entries
+  (the scheme's :meth:`~gcr.schemes.cart.CartScheme.code_vectors`, given by :meth:`CartBackbone.set_code_vectors`).
 * **Decoder**: pre-norm transformer (causal self-attention, fusion, GELU FFN; dropout), learned positions, its own
   token embeddings and output head over the identifier vocabulary. The vocabulary is a word-level
   ``PreTrainedTokenizerFast`` holding only ``<pad> <unk> <s> </s>``; a scheme's identifier tokens are added by
