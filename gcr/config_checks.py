@@ -216,6 +216,11 @@ def check_combinations(cfg: DictConfig, scheme: Any) -> None:
             raise ConfigError(f"model.vision_init=dense starts the {model} vision tower from the dense baseline's CLIP "
                               f"tower, but dense={_dense_choice(cfg)} has no such tower (frozen pretrained towers); "
                               "fix: model.vision_init=random, or dense=clip_tiny")
+    needs_codes = getattr(backbone, "needs_code_vectors", None)
+    if needs_codes and needs_codes(OmegaConf.to_container(cfg.model, resolve=True)) and not needs.code_vectors:
+        raise ConfigError(f"model.fusion=candidate fuses the query with what the candidate's code tokens mean, and "
+                          f"scheme={scheme.name} offers no code vectors; use a scheme that does "
+                          f"({_schemes_with_code_vectors()}), or a layer fusion (model.fusion=coarse_fine)")
     if needs.words and not getattr(backbone, "spells_words", True):
         raise ConfigError(f"scheme={scheme.name} writes identifiers in words, but {model} decodes new code tokens only; "
                           f"use a backbone whose tokenizer spells words ({_choices(BACKBONES, 'spells_words', ', ')})")
@@ -237,6 +242,20 @@ def check_combinations(cfg: DictConfig, scheme: Any) -> None:
         raise ConfigError("augment.pseudo_queries adds generated captions as text-to-image queries (caption targets "
                           "get none), but directions has no t2i; add it (directions=[t2i,i2t]) or set "
                           "augment.pseudo_queries=0")
+
+
+def _schemes_with_code_vectors() -> str:
+    from gcr.registry import SCHEMES
+
+    names = []
+    for name in SCHEMES.names():
+        try:
+            declared = SCHEMES.get(name).requires
+        except (GcrError, AttributeError):
+            continue
+        if getattr(declared, "code_vectors", False):
+            names.append(f"scheme={name}")
+    return ", ".join(names) or "none is registered"
 
 
 def _dense_choice(cfg: DictConfig) -> str:

@@ -29,7 +29,7 @@ from gcr.models.cart import (  # noqa: E402
     load_image_tower,
     load_text_tower,
 )
-from gcr.models.cart_network import FUSIONS, CoarseFineFusion  # noqa: E402
+from gcr.models.cart_network import FUSIONS, LAYER_FUSIONS, CoarseFineFusion  # noqa: E402
 
 SMALL = {"d_model": 64, "num_layers": 2, "num_heads": 4, "ffn_dim": 128}
 TOKENS = [f"<a_{i}>" for i in range(4)] + [f"<b_{i}>" for i in range(4)] + [f"<u_{i}>" for i in range(3)]
@@ -131,7 +131,7 @@ def trained(towers, images):
 
 
 # -- the fusion block -----------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", FUSIONS)
+@pytest.mark.parametrize("mode", LAYER_FUSIONS)  # candidate: tests/test_cart_fusion.py
 def test_fusion_shapes_and_every_parameter_gets_a_gradient(mode):
     torch.manual_seed(0)
     fusion = CoarseFineFusion(32, 4, 7, mode, dropout=0.0)

@@ -17,6 +17,9 @@ writes the identifier, attending to *every* layer of that tower:
   computed from the decoder state; ``fine`` = one cross-attention per encoder layer, mixed with learned softmax
   weights; ``coarse_fine`` adds both. ``last`` is plain cross-attention to the last layer (no fusion: the
   ablation). The L fine attentions run as one batched attention (``L * heads`` heads), not a loop.
+  ``candidate`` is the fusion with the candidate: ``coarse_fine`` whose coarse branch attends with the K-Means
+  centroid of the decoded prefix and whose fine branch attends with the sum of its RQ-VAE codebook entries
+  (the scheme's :meth:`~gcr.schemes.cart.CartScheme.code_vectors`, given by :meth:`CartBackbone.set_code_vectors`).
 * **Decoder**: pre-norm transformer (causal self-attention, fusion, GELU FFN; dropout), learned positions, its own
   token embeddings and output head over the identifier vocabulary. The vocabulary is a word-level
   ``PreTrainedTokenizerFast`` holding only ``<pad> <unk> <s> </s>``; a scheme's identifier tokens are added by
@@ -172,6 +175,34 @@ class CartBackbone(GenerativeBackbone):
     @staticmethod
     def _check_options(o: dict[str, Any]) -> None:
         check_decoder_options(o)
+
+    @staticmethod
+    def needs_code_vectors(options: dict[str, Any]) -> bool:
+        """True when these ``model`` options fuse with the candidate (``fusion=candidate``): the run must give
+        :meth:`set_code_vectors` the scheme's code vectors, so the scheme must offer them
+        (``requirements.code_vectors``; checked before any work)."""
+        return options.get("fusion") == "candidate"
+
+    def set_code_vectors(self, code_vectors: Mapping[str, Sequence[Mapping[str, np.ndarray]]]) -> int:
+        """Give ``fusion=candidate`` what each code token means: ``{"coarse": [levels], "fine": [levels]}``, each
+        level ``{token: vector}`` (:meth:`gcr.schemes.cart.CartScheme.code_vectors`). The tokens must be in the
+        vocabulary (:meth:`add_identifier_tokens` first). The fusion's code projections start afresh (seeded by
+        ``seed``). Returns how many tokens got a vector."""
+        vocab = self.tokenizer.get_vocab()
+        groups: dict[str, dict[int, np.ndarray]] = {}
+        for group, levels in code_vectors.items():
+            merged: dict[int, np.ndarray] = {}
+            for level in levels:
+                missing = [t for t in level if t not in vocab]
+                if missing:
+                    raise ConfigError(f"set_code_vectors: tokens {missing[:5]} are not in the vocabulary; add them first")
+                merged.update({vocab[t]: np.asarray(v, dtype=np.float32) for t, v in level.items()})
+            widths = {v.shape for v in merged.values()}
+            if len(widths) > 1 or any(len(w) != 1 for w in widths):
+                raise ConfigError(f"set_code_vectors: the {group!r} vectors must be 1-D and of one width, got {sorted(widths)}")
+            groups[group] = merged
+        self.model.set_code_vectors(groups, seed=self.seed)
+        return sum(len(g) for g in groups.values())
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -412,7 +443,7 @@ class CartBackbone(GenerativeBackbone):
                 present = [(k.repeat_interleave(K, 0), v.repeat_interleave(K, 0)) for k, v in present]
                 return hidden[:, -1].repeat_interleave(K, 0), present
             hidden, present = self.model.decode(tokens[:, -1:], caches, mask, group=K, start=t, past=past,
-                                                project=False)
+                                                project=False, history=tokens[:, :-1])
             return hidden[:, -1], present
 
         def reorder(past, beam_idx):

@@ -2,21 +2,29 @@
 
 :class:`CartNetwork` projects every layer of a frozen encoder into one memory and decodes identifier tokens
 from it; :class:`CoarseFineFusion` is CART's two-branch fusion (``coarse``, ``fine``, ``coarse_fine``, or
-``last``: plain cross-attention). The backbone adapters that feed it (:mod:`gcr.models.cart`, ``cart``;
-:mod:`gcr.models.compact`, ``compact``) own tokenizers, encoders, losses and search.
+``last``: plain cross-attention, or ``candidate``). The backbone adapters that feed it (:mod:`gcr.models.cart`,
+``cart``; :mod:`gcr.models.compact`, ``compact``) own tokenizers, encoders, losses and search.
+
+``candidate`` is CART's fusion *with the candidate*: both branches, and at every decoding step each branch's
+attention query also carries what the identifier decoded so far means (:class:`CodeTables`): the coarse branch the
+K-Means centroid of the prefix's coarse token, the fine branch the sum of the RQ-VAE codebook entries of the
+prefix's fine tokens, each through its own learned projection to ``d_model``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import chain
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from gcr.errors import ConfigError
 
-FUSIONS = ("coarse_fine", "coarse", "fine", "last")
+LAYER_FUSIONS = ("coarse_fine", "coarse", "fine", "last")  # fuse the query encoder's layers only
+FUSIONS = (*LAYER_FUSIONS, "candidate")  # candidate: + the decoded prefix's code vectors (CodeTables)
 INIT_STD = 0.02  # weights ~ N(0, 0.02), biases 0 (GPT/BART-style init)
 NEW_ROW_NOISE = 0.1  # new token rows: mean of the old rows + N(0, (0.1 * std of the old rows)^2)
 
@@ -101,11 +109,117 @@ class LayerwiseCrossAttention(nn.Module):
         return F.linear(out.reshape(B, Q, L * d), self.o_weight, w @ self.o_bias)
 
 
+class _Resizable(nn.Module):
+    """A module whose parameters/buffers take the shapes of a loaded state (their sizes are known only once a
+    scheme is fitted, so a freshly built model holds empty ones until :meth:`load_state_dict` or a reset)."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name, tensor in chain(self._parameters.items(), self._buffers.items()):
+            incoming = state_dict.get(prefix + name)
+            if tensor is not None and incoming is not None and incoming.shape != tensor.shape:
+                empty = tensor.new_empty(incoming.shape)
+                if name in self._parameters:
+                    self._parameters[name] = nn.Parameter(empty, requires_grad=tensor.requires_grad)
+                else:
+                    self._buffers[name] = empty
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _lookup(table: torch.Tensor, row: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``table`` rows of token ``ids``; tokens beyond ``row`` (added after the tables were set) get row 0 (zeros)."""
+    if not row.numel():
+        return table[torch.zeros_like(ids)]
+    return table[torch.where(ids < row.numel(), row[ids.clamp(0, row.numel() - 1)], 0)]
+
+
+class CodeProjection(_Resizable):
+    """A learned ``Linear(width -> d_model)`` of code vectors; ``width`` is set by :meth:`reset` (0 until then)."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d_model, 0))
+        self.bias = nn.Parameter(torch.zeros(d_model))
+
+    @torch.no_grad()
+    def reset(self, width: int, rms: float, generator: torch.Generator) -> None:
+        """Weights ~ N(0, 1 / (width * rms^2)): code vectors of RMS ``rms`` map to unit-scale outputs."""
+        std = 1.0 / (max(width, 1) ** 0.5 * max(rms, 1e-8))
+        weight = torch.randn(self.weight.shape[0], width, generator=generator) * std
+        self.weight = nn.Parameter(weight.to(self.bias.device, self.bias.dtype))
+        self.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
+
+class CodeTables(_Resizable):
+    """What each identifier token means, for ``fusion=candidate``: a scheme's code vectors by token id.
+
+    Two groups, each a table of vectors (row 0: zeros, for tokens outside the group) and a token -> row map:
+    ``coarse`` (cart: the K-Means centroids of ``<a_c>``) and ``fine`` (cart: RQ-VAE codebook entries of
+    ``<b{l}_k>``). :meth:`forward` gives, for every decoder input position, the sum of each group's vectors
+    over the identifier tokens decoded up to it: the coarse token's centroid, and the partial RQ-VAE
+    quantisation (the sum of the codebook entries of the levels decoded so far).
+    """
+
+    GROUPS = ("coarse", "fine")
+
+    def __init__(self):
+        super().__init__()
+        for group in self.GROUPS:
+            self.register_buffer(f"{group}_vectors", torch.zeros(1, 0))
+            self.register_buffer(f"{group}_row", torch.zeros(0, dtype=torch.long))
+
+    @property
+    def ready(self) -> bool:
+        return any(getattr(self, f"{g}_row").numel() for g in self.GROUPS)
+
+    def widths(self) -> dict[str, int]:
+        return {g: int(getattr(self, f"{g}_vectors").shape[1]) for g in self.GROUPS}
+
+    @torch.no_grad()
+    def set(self, vocab_size: int, groups: dict[str, dict[int, Sequence[float]]]) -> dict[str, float]:
+        """Fill the tables from ``{group: {token id: vector}}`` (a group may be empty); returns each group's RMS."""
+        rms = {}
+        for group in self.GROUPS:
+            vectors = groups.get(group) or {}
+            ids = sorted(vectors)
+            width = len(next(iter(vectors.values()))) if vectors else 0
+            table = torch.zeros(len(ids) + 1, width)
+            row = torch.zeros(vocab_size, dtype=torch.long)
+            for i, token in enumerate(ids):
+                table[i + 1] = torch.as_tensor(np.asarray(vectors[token], dtype=np.float32))
+                row[token] = i + 1
+            device = getattr(self, f"{group}_row").device
+            setattr(self, f"{group}_vectors", table.to(device))
+            setattr(self, f"{group}_row", row.to(device))
+            rms[group] = float(table[1:].pow(2).mean().sqrt()) if ids and width else 1.0
+        return rms
+
+    def forward(self, ids: torch.Tensor, history: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ids`` (N, t) decoder inputs; ``history`` (N, h): identifier tokens decoded before ``ids[:, 0]``.
+
+        Returns ``(coarse (N, t, Dc), fine (N, t, Df))``: at position ``j`` the sums over ``history`` and
+        ``ids[:, :j + 1]`` (BOS, padding and tokens outside a group add zeros).
+        """
+        out = []
+        for group in self.GROUPS:
+            table, row = getattr(self, f"{group}_vectors"), getattr(self, f"{group}_row")
+            summed = _lookup(table, row, ids).cumsum(1)
+            if history is not None and history.shape[1]:
+                summed = summed + _lookup(table, row, history).sum(1, keepdim=True)
+            out.append(summed)
+        return out[0], out[1]
+
+
 class CoarseFineFusion(nn.Module):
     """CART's fusion of the encoder layers into a decoder layer: coarse branch + fine branch (or one, or none).
 
     ``memory(m)`` takes the stacked layer memories ``(B, L, T, d)`` and precomputes what attention needs
     (once per query); ``forward(h, cache, mask)`` maps decoder states ``(B, Q, d)`` to ``(B, Q, d)``.
+    ``mode="candidate"`` also takes ``candidate=(coarse (B, Q, Dc), fine (B, Q, Df))``, the code vectors of
+    each position's decoded prefix (:class:`CodeTables`): each branch attends with the decoder state plus its
+    group's projected vector, so what the partial identifier means asks the query memory.
     """
 
     def __init__(self, d_model: int, num_heads: int, num_memory_layers: int, mode: str = "coarse_fine",
@@ -115,12 +229,15 @@ class CoarseFineFusion(nn.Module):
             raise ConfigError(f"unknown model.fusion {mode!r}; choose one of {', '.join(FUSIONS)}")
         self.mode = mode
         self.num_memory_layers = num_memory_layers
-        if mode in ("coarse_fine", "coarse"):
+        if mode in ("coarse_fine", "coarse", "candidate"):
             self.coarse_in = nn.Linear(num_memory_layers * d_model, d_model)
             self.coarse_attn = CrossAttention(d_model, num_heads, dropout)
             self.gate = nn.Linear(d_model, d_model)
-        if mode in ("coarse_fine", "fine"):
+        if mode in ("coarse_fine", "fine", "candidate"):
             self.fine = LayerwiseCrossAttention(d_model, num_heads, num_memory_layers, dropout)
+        if mode == "candidate":
+            self.coarse_code = CodeProjection(d_model)
+            self.fine_code = CodeProjection(d_model)
         if mode == "last":
             self.last_attn = CrossAttention(d_model, num_heads, dropout)
 
@@ -129,24 +246,37 @@ class CoarseFineFusion(nn.Module):
         if L != self.num_memory_layers:
             raise ConfigError(f"the fusion expects {self.num_memory_layers} encoder layers, got {L}")
         cache = {}
-        if self.mode in ("coarse_fine", "coarse"):
+        if hasattr(self, "coarse_attn"):
             stacked = memory.permute(0, 2, 1, 3).reshape(B, T, L * d)  # layers concatenated along features
             cache["coarse"] = self.coarse_attn.memory(self.coarse_in(stacked))
-        if self.mode in ("coarse_fine", "fine"):
+        if hasattr(self, "fine"):
             cache["fine"] = self.fine.memory(memory)
         if self.mode == "last":
             cache["last"] = self.last_attn.memory(memory[:, -1])
         return cache
 
-    def forward(self, h: torch.Tensor, cache: dict, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cache: dict, mask: torch.Tensor,
+                candidate: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if self.mode == "last":
             return self.last_attn(h, cache["last"], mask)
+        coarse_q = fine_q = h
+        if self.mode == "candidate":
+            if candidate is None:
+                raise ConfigError("model.fusion=candidate needs the code vectors of the decoded prefix; give the "
+                                  "backbone the scheme's code vectors first (set_code_vectors(scheme.code_vectors()))")
+            coarse_q = h + self.coarse_code(candidate[0])
+            fine_q = h + self.fine_code(candidate[1])
         out = 0
         if "coarse" in cache:
-            out = torch.sigmoid(self.gate(h)) * self.coarse_attn(h, cache["coarse"], mask)
+            out = torch.sigmoid(self.gate(coarse_q)) * self.coarse_attn(coarse_q, cache["coarse"], mask)
         if "fine" in cache:
-            out = out + self.fine(h, cache["fine"], mask)
+            out = out + self.fine(fine_q, cache["fine"], mask)
         return out
+
+    def reset_codes(self, widths: dict[str, int], rms: dict[str, float], generator: torch.Generator) -> None:
+        """``candidate``: fresh projections of code vectors of these widths (called when the tables are set)."""
+        self.coarse_code.reset(widths["coarse"], rms["coarse"], generator)
+        self.fine_code.reset(widths["fine"], rms["fine"], generator)
 
 
 class SelfAttention(nn.Module):
@@ -171,6 +301,13 @@ class SelfAttention(nn.Module):
         return self.o(_merge(out)), (k, v)
 
 
+def _grouped(candidate, group: int) -> dict:
+    """The fusion's ``candidate`` argument with rows laid out like the states: ``(N, t, D) -> (N / group, group * t, D)``."""
+    if candidate is None:
+        return {}
+    return {"candidate": tuple(x.reshape(x.shape[0] // group, group * x.shape[1], x.shape[2]) for x in candidate)}
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm: causal self-attention, coarse-to-fine fusion, GELU FFN; each a residual branch with dropout."""
 
@@ -183,13 +320,15 @@ class DecoderLayer(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d_model, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, d_model))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, h, cache, mask, group: int, past=None):
-        """``h`` (N, t, d) with N = B * group rows, item-major (row ``b * group + g``); ``cache``/``mask`` per item."""
+    def forward(self, h, cache, mask, group: int, past=None, candidate=None):
+        """``h`` (N, t, d) with N = B * group rows, item-major (row ``b * group + g``); ``cache``/``mask`` per item;
+        ``candidate``: the rows' prefix code vectors ``((N, t, Dc), (N, t, Df))`` (``fusion=candidate``)."""
         attended, present = self.self_attn(self.norm1(h), past)
         h = h + self.drop(attended)
         N, t, d = h.shape
         # the `group` rows of an item are query positions of its memory: no copy of the memory per beam
-        fused = self.fusion(self.norm2(h).reshape(N // group, group * t, d), cache, mask).reshape(N, t, d)
+        fused = self.fusion(self.norm2(h).reshape(N // group, group * t, d), cache, mask,
+                            **_grouped(candidate, group)).reshape(N, t, d)
         h = h + self.drop(fused)
         h = h + self.drop(self.ffn(self.norm3(h)))
         return h, present
@@ -222,6 +361,7 @@ class CartNetwork(nn.Module):
         )
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.codes = CodeTables() if fusion == "candidate" else None
         self.apply(self._init)
         nn.init.normal_(self.image_pos, std=INIT_STD)
 
@@ -255,20 +395,28 @@ class CartNetwork(nn.Module):
 
     # -- decoding ------------------------------------------------------------------------------
     def decode(self, ids: torch.Tensor, caches: list[dict], mask: torch.Tensor, *, group: int = 1, start: int = 0,
-               past: list | None = None, project: bool = True):
+               past: list | None = None, project: bool = True, history: torch.Tensor | None = None):
         """Logits (N, t, V) of decoder inputs ``ids`` (N, t) at positions ``start..``; N = B * group, item-major.
 
         ``past`` (one (k, v) per layer) continues a KV cache; the updated cache is returned with the logits.
         ``project=False`` returns the final hidden states (N, t, d) instead, before the output head.
+        ``history`` (N, h): the identifier tokens decoded before ``ids`` (``fusion=candidate`` fuses their codes).
         """
         positions = torch.arange(start, start + ids.shape[1], device=ids.device)
         h = self.embed(ids) + self.pos(positions)
+        candidate = candidate_codes(self, ids, history)
         present = []
         for i, layer in enumerate(self.layers):
-            h, kv = layer(h, caches[i], mask, group, None if past is None else past[i])
+            h, kv = layer(h, caches[i], mask, group, None if past is None else past[i], candidate)
             present.append(kv)
         h = self.norm(h)
         return (self.head(h) if project else h), present
+
+    # -- the candidate's code vectors (fusion=candidate) --------------------------------------------
+    def set_code_vectors(self, groups: dict[str, dict[int, Sequence[float]]], seed: int = 0) -> None:
+        """Give ``fusion=candidate`` its code vectors ``{"coarse"|"fine": {token id: vector}}`` and fresh, seeded
+        projections of their widths in every fusion module."""
+        set_code_vectors(self, groups, seed)
 
     # -- vocabulary ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -290,3 +438,29 @@ class CartNetwork(nn.Module):
             new.weight.copy_(grown)
             new.weight.requires_grad_(weight.requires_grad)
             setattr(self, name, new)
+
+
+# -- fusion=candidate, shared by every network that has ``codes`` and fusion modules ----------------------------
+def candidate_codes(network: nn.Module, ids: torch.Tensor, history: torch.Tensor | None):
+    """The prefix code vectors of every position of ``ids`` (None unless the network fuses with the candidate)."""
+    codes = getattr(network, "codes", None)
+    if codes is None:
+        return None
+    if not codes.ready:
+        raise ConfigError("model.fusion=candidate needs the scheme's code vectors before training or search: "
+                          "call backbone.set_code_vectors(scheme.code_vectors()) (gcr fit does); schemes "
+                          "without code vectors cannot use it, choose model.fusion=coarse_fine")
+    return codes(ids, history)
+
+
+def set_code_vectors(network: nn.Module, groups: dict[str, dict[int, Sequence[float]]], seed: int) -> None:
+    if getattr(network, "codes", None) is None:
+        raise ConfigError("this model does not fuse with the candidate (model.fusion is not 'candidate')")
+    bad = sorted(set(groups) - set(CodeTables.GROUPS))
+    if bad:
+        raise ConfigError(f"unknown code vector group(s) {bad}; expected {', '.join(CodeTables.GROUPS)}")
+    rms = network.codes.set(network.embed.weight.shape[0], groups)
+    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + 17)
+    for module in network.modules():
+        if isinstance(module, CoarseFineFusion) and module.mode == "candidate":
+            module.reset_codes(network.codes.widths(), rms, generator)

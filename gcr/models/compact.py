@@ -32,7 +32,15 @@ from gcr.data.corpus import Content, Corpus
 from gcr.errors import ArtifactError, ConfigError, DataError
 from gcr.models.base import BACKBONE_FILE, GenerativeBackbone
 from gcr.models.cart import WEIGHTS_FILE, CartBackbone, check_decoder_options
-from gcr.models.cart_network import INIT_STD, CartNetwork, CoarseFineFusion, DecoderLayer
+from gcr.models.cart_network import (
+    INIT_STD,
+    CartNetwork,
+    CoarseFineFusion,
+    CodeTables,
+    DecoderLayer,
+    _grouped,
+    candidate_codes,
+)
 from gcr.models.query_encoders import ENCODERS, ENCODINGS, EncodingCache, QueryEncoder, build_query_encoder
 
 DECODERS = ("transformer", "gru")
@@ -81,11 +89,12 @@ class GRUDecoder(nn.Module):
         h0 = torch.tanh(self.init(self.pool_norm(memory.sum(dim=(1, 2))))).view(B, self.num_layers, d)
         return {"fusion": self.fusion.memory(memory), "h0": h0}
 
-    def forward(self, h: torch.Tensor, cache: dict, mask: torch.Tensor, group: int, past=None):
+    def forward(self, h: torch.Tensor, cache: dict, mask: torch.Tensor, group: int, past=None, candidate=None):
         N, t, d = h.shape
         state = cache["h0"].repeat_interleave(group, 0) if past is None else past
         out, last = self.gru(h, state.transpose(0, 1).contiguous())
-        fused = self.fusion(self.norm(out).reshape(N // group, group * t, d), cache["fusion"], mask)
+        fused = self.fusion(self.norm(out).reshape(N // group, group * t, d), cache["fusion"], mask,
+                            **_grouped(candidate, group))
         return out + self.drop(fused.reshape(N, t, d)), last.transpose(0, 1)
 
 
@@ -115,11 +124,13 @@ class CompactNetwork(nn.Module):
             self.drop = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.codes = CodeTables() if fusion == "candidate" else None
         self.apply(CartNetwork._init)
         for p in self.pos_memory.values():
             nn.init.normal_(p, std=INIT_STD)
 
     resize_vocab = CartNetwork.resize_vocab  # grows `embed` and `head` (mean of old rows + seeded noise)
+    set_code_vectors = CartNetwork.set_code_vectors  # fusion=candidate: the scheme's code vectors
 
     def project(self, modality: str, rows: torch.Tensor) -> torch.Tensor:
         """(N, T, W) cached encodings of one modality -> (N, L, T, d_model)."""
@@ -141,11 +152,14 @@ class CompactNetwork(nn.Module):
             return self.gru.memory(memory)
         return [layer.fusion.memory(memory) for layer in self.layers]
 
-    def decode(self, ids: torch.Tensor, caches, mask: torch.Tensor, *, group: int = 1, start: int = 0, past=None):
-        """Logits (N, t, V) of decoder inputs ``ids`` (N, t); N = B * group, item-major; returns the new ``past``."""
+    def decode(self, ids: torch.Tensor, caches, mask: torch.Tensor, *, group: int = 1, start: int = 0, past=None,
+               history: torch.Tensor | None = None):
+        """Logits (N, t, V) of decoder inputs ``ids`` (N, t); N = B * group, item-major; returns the new ``past``.
+        ``history``: identifier tokens decoded before ``ids`` (``fusion=candidate``, as CART's)."""
         if self.decoder == "transformer":
-            return CartNetwork.decode(self, ids, caches, mask, group=group, start=start, past=past)
-        out, state = self.gru(self.drop(self.embed(ids)), caches, mask, group, past)
+            return CartNetwork.decode(self, ids, caches, mask, group=group, start=start, past=past, history=history)
+        candidate = candidate_codes(self, ids, history)
+        out, state = self.gru(self.drop(self.embed(ids)), caches, mask, group, past, candidate)
         return self.head(self.norm(out)), state
 
 
@@ -318,7 +332,8 @@ class CompactBackbone(CartBackbone):
                 logits, present = self.model.decode(tokens.new_full((B, 1), bos), caches, mask)
                 present = _map_past(present, lambda x: x.repeat_interleave(K, 0))
                 return logits[:, -1].float().log_softmax(-1).repeat_interleave(K, 0), present
-            logits, present = self.model.decode(tokens[:, -1:], caches, mask, group=K, start=t, past=past)
+            logits, present = self.model.decode(tokens[:, -1:], caches, mask, group=K, start=t, past=past,
+                                                history=tokens[:, :-1])
             return logits[:, -1].float().log_softmax(-1), present
 
         found = constrained_beam_search(step, trie, B, K, max_new_tokens,

@@ -162,6 +162,14 @@ class IdentifierScheme(ABC):
         """
         return {}
 
+    def code_vectors(self) -> dict[str, list[dict[str, np.ndarray]]]:
+        """What each code token means, for decoders that fuse with the candidate (``model.fusion=candidate``).
+
+        ``{"coarse": [level, ...], "fine": [level, ...]}``, each level ``{token: 1-D vector}`` (one width per
+        group); after :meth:`fit`. A scheme that offers it declares ``requirements.code_vectors``.
+        """
+        raise ConfigError(f"scheme {self.name!r} has no code vectors (requirements.code_vectors is false)")
+
     def rationales(self) -> list[str]:
         """One sentence per target of the last :meth:`fit` explaining its identifier (Rationale-Guided
         Supervision trains on them, ``rgs.enabled``). Empty: the scheme has none."""

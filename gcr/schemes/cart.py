@@ -58,7 +58,7 @@ class CartScheme(IdentifierScheme):
     """CART coarse-to-fine ID: K-Means coarse token + RQ-VAE fine tokens + unique token."""
 
     name = "cart"
-    requires = SchemeRequirements(features=True)
+    requires = SchemeRequirements(features=True, code_vectors=True)
 
     @dataclass
     class Options(SchemeOptions):
@@ -251,6 +251,24 @@ class CartScheme(IdentifierScheme):
             for i in range(self.max_unique())
         }
         return {"coarse": coarse, "fine": fine, "unique": unique}
+
+    def code_vectors(self) -> dict[str, list[dict[str, np.ndarray]]]:
+        """What each code token means, by level, for a decoder that fuses with the candidate (``model.fusion=candidate``).
+
+        - ``"coarse"``: one level, ``<a_c>`` -> K-Means centroid ``c`` (feature space); empty when coarse=false;
+        - ``"fine"``: one level per RQ-VAE level ``l``, ``<b{l}_k>`` -> codebook entry ``k`` of level ``l`` (the
+          latent space; summed along a prefix they are the prefix's RQ-VAE quantisation); empty when fine=false.
+
+        The unique tokens carry no meaning and have no vector. Same values as :meth:`token_vectors`' groups.
+        """
+        if self._centroids is None:
+            raise ConfigError("cart.code_vectors needs a fitted scheme; call fit (or load_state_dict) first")
+        coarse = [{f"<a_{c}>": self._centroids[c].astype(np.float32) for c in range(self._num_coarse())}]
+        fine: list[dict[str, np.ndarray]] = []
+        if self.fine:
+            books = self.codebooks()
+            fine = [{f"<b{lvl}_{k}>": books[lvl, k] for k in range(self.codebook_size)} for lvl in range(self.levels)]
+        return {"coarse": coarse if self.coarse else [], "fine": fine}
 
     def codebooks(self) -> np.ndarray:
         """The RQ-VAE codebooks, ``(levels, codebook_size, latent_dim)`` float32 (fitted, fine=True)."""

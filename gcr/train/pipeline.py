@@ -150,6 +150,8 @@ def _fit_direction(cfg: DictConfig, corpus: Corpus, direction: str, dense, out_d
     backbone.add_identifier_tokens(scheme.new_tokens())
     for group in scheme.token_vectors().values():  # e.g. CART: tokens start at their codebook vectors
         backbone.init_token_embeddings(group)
+    if getattr(backbone, "needs_code_vectors", None) and backbone.needs_code_vectors(backbone.options()):
+        backbone.set_code_vectors(scheme.code_vectors())  # model.fusion=candidate (checked up front)
     rgs = _rationale_setup(cfg, scheme, task, index, backbone)
     index.tokenize(backbone.tokenizer, end_token_id=rgs.separator_id if rgs else None)
     index.save(out_dir)

@@ -34,6 +34,7 @@ class SchemeRequirements:
     - ``rationales``: :meth:`rationales` returns one sentence per target (Rationale-Guided Supervision).
     - ``shares_identifiers``: several targets may share one identifier (resolved later, e.g. by verification).
     - ``text_generator``: identifiers are written by a text-generating model (``SchemeContext.generator``).
+    - ``code_vectors``: :meth:`code_vectors` gives each code token's vector, by group and level.
     """
 
     features: bool = False
@@ -43,6 +44,9 @@ class SchemeRequirements:
     shares_identifiers: bool = False
     #: :meth:`fit` asks a model that writes text (``SchemeContext.generator``) to write the identifiers.
     text_generator: bool = False
+    #: :meth:`~gcr.schemes.base.IdentifierScheme.code_vectors` says what each code token means (e.g. cart's
+    #: centroids and RQ-VAE codebooks); a decoder that fuses with the candidate (``model.fusion=candidate``) needs it.
+    code_vectors: bool = False
 
 
 def option(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
