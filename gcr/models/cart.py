@@ -463,7 +463,8 @@ class CartBackbone(GenerativeBackbone):
         if trie.max_length > int(self.opts["max_id_tokens"]):
             raise ConfigError(f"identifiers of {trie.max_length} tokens exceed model.max_id_tokens; raise it")
 
-    def generate_text(self, batch, *, num_beams: int = 3, max_new_tokens: int = 32) -> list[str]:
+    def generate_text(self, batch, *, num_beams: int = 3, max_new_tokens: int = 32,
+                      num_return_sequences: int = 1) -> list[str]:
         raise ConfigError(
             "model 'cart' only writes identifiers; it cannot caption (gcr captions with a tiny model instead)"
         )

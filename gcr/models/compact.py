@@ -340,7 +340,8 @@ class CompactBackbone(CartBackbone):
                                         reorder_fn=lambda past, idx: _map_past(past, lambda x: x[idx]))
         return found.identifiers, found.scores.masked_fill(found.identifiers < 0, _FILLER)
 
-    def generate_text(self, batch, *, num_beams: int = 3, max_new_tokens: int = 32) -> list[str]:
+    def generate_text(self, batch, *, num_beams: int = 3, max_new_tokens: int = 32,
+                      num_return_sequences: int = 1) -> list[str]:
         raise ConfigError(
             "model 'compact' only writes identifiers; it cannot caption (gcr captions with a tiny model instead)"
         )
