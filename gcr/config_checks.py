@@ -95,7 +95,7 @@ def check_values(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
             raise ConfigError(f"{key}={value} is out of range: it must be {allowed}")
     source = OmegaConf.select(cfg, "description.source")
     if source is not None:
-        from gcr.descriptions import check_source
+        from gcr.descriptions.sources import check_source
 
         check_source(source)
     directions = OmegaConf.select(cfg, "directions")

@@ -15,7 +15,7 @@ from threadpoolctl import threadpool_limits
 
 from gcr.data.corpus import Caption, Content, Corpus, ImageRecord, Target, retrieval_task
 from gcr.data.sources import load_shapes
-from gcr.descriptions import describe_targets, evaluation_task, heldout_captions
+from gcr.descriptions.sources import describe_targets, evaluation_task, heldout_captions
 from gcr.errors import ConfigError, DataError, IdentifierError
 from gcr.index import IdentifierIndex
 from gcr.models.tokenizer import train_corpus_tokenizer

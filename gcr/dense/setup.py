@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from gcr.data.corpus import Corpus
 from gcr.dense.models import DualEncoder
 from gcr.dense.training import DenseModule, pair_loader, score_dense, train_frozen_dense
-from gcr.descriptions import scored_task
+from gcr.descriptions.sources import scored_task
 from gcr.errors import ConfigError
 from gcr.models.tokenizer import corpus_tokenizer
 from gcr.results import ResultRow

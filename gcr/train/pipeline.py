@@ -38,7 +38,7 @@ from gcr.config_checks import build_checked_scheme
 from gcr.data.corpus import Corpus, RetrievalTask
 from gcr.data.sources import load_dataset
 from gcr.dense.setup import dense_baseline, dense_rows, plural
-from gcr.descriptions import describe_targets, scored_task
+from gcr.descriptions.sources import describe_targets, scored_task
 from gcr.errors import ArtifactError
 from gcr.features import cached_target_features
 from gcr.index import IdentifierIndex
