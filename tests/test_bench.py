@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from gcr.bench import BenchSpec, load_bench, plan
 from gcr.cli import config_dir, main
 from gcr.errors import ConfigError
-from gcr.results import format_table
+from gcr.reporting.bench import BenchSpec, load_bench, plan
+from gcr.reporting.results import format_table
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # The smallest budget that still runs every part: 100 images, one epoch of two batches, one direction.
@@ -102,7 +102,7 @@ def test_every_row_keeps_per_query_ranks_that_reproduce_its_metrics_exactly(benc
 
     from gcr.data.corpus import retrieval_task
     from gcr.data.sources import load_dataset
-    from gcr.results import RESULTS_VERSION, row_metrics_from_ranks
+    from gcr.reporting.results import RESULTS_VERSION, row_metrics_from_ranks
 
     _, _, results = bench
     assert results["gcr_results_version"] == RESULTS_VERSION == 2
@@ -208,7 +208,7 @@ def test_rerunning_a_bench_reuses_the_finished_runs(bench, capsys):
 
 
 def test_bench_logs_to_offline_wandb(bench, tmp_path, monkeypatch):
-    from gcr.bench import run_bench
+    from gcr.reporting.bench import run_bench
 
     tmp, bench_dir, _ = bench
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline comes from the config (wandb.mode)
@@ -246,7 +246,7 @@ def test_a_bad_key_fails_before_anything_is_trained(tmp_path, capsys):
 def test_a_folder_of_another_config_is_cleared_and_an_interrupted_one_kept(tmp_path):
     from omegaconf import OmegaConf
 
-    from gcr.bench import _clear_stale, finished_results
+    from gcr.reporting.bench import _clear_stale, finished_results
 
     spec = load_bench("baselines", config_dir())
     (run,) = plan(spec, _args(tmp_path), config_dir())[:1]
@@ -320,7 +320,7 @@ def test_format_table_averages_seeds_with_the_sample_std():
 
 
 def test_recall_curves_and_throughput_plots_are_pngs(tmp_path):
-    from gcr.plots import recall_curves, throughput_vs_size
+    from gcr.reporting.plots import recall_curves, throughput_vs_size
 
     results = {"corpus": {"name": "synthetic"},
                "rows": [_row("hk", "t2i", 0.4, seed=0), _row("hk", "t2i", 0.6, seed=1), _row("hk", "i2t", 0.3)]}

@@ -1,11 +1,11 @@
-"""Per-query metrics and bootstrap intervals (gcr.intervals, gcr.train.metrics) on hand-made cases."""
+"""Per-query metrics and bootstrap intervals (gcr.reporting.intervals, gcr.train.metrics) on hand-made cases."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from gcr.intervals import (
+from gcr.reporting.intervals import (
     first_relevant_rank,
     metrics_from_ranks,
     paired_difference,
@@ -155,7 +155,7 @@ def test_the_interval_covers_the_true_difference_about_95_percent_of_the_time():
 
 
 def test_resampling_is_chunked_without_changing_the_replicates(monkeypatch):
-    import gcr.intervals as intervals
+    import gcr.reporting.intervals as intervals
 
     x = [np.arange(50, dtype=float), np.ones(7)]
     whole = resampled_statistics(x, resamples=300, seed=4)

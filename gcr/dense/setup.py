@@ -21,7 +21,7 @@ from gcr.dense.training import DenseModule, pair_loader, score_dense, train_froz
 from gcr.descriptions.sources import scored_task
 from gcr.errors import ConfigError
 from gcr.models.tokenizer import corpus_tokenizer
-from gcr.results import ResultRow
+from gcr.reporting.results import ResultRow
 from gcr.train.trainer import build_trainer
 
 log = logging.getLogger("gcr")
@@ -39,7 +39,7 @@ def dense_dir(cfg: DictConfig, corpus: Corpus) -> Path:
 def dense_baseline(cfg: DictConfig, corpus: Corpus, tracked=None):
     """Train (or load from the cache) the dense baseline (``dense.type``); returns it and its train seconds.
 
-    ``tracked``: the dense baseline's :class:`gcr.tracking.TrackedRun`; its W&B run is started only if it trains.
+    ``tracked``: the dense baseline's :class:`gcr.reporting.tracking.TrackedRun`; its W&B run is started only if it trains.
     """
     directory = dense_dir(cfg, corpus)
     kind = cfg.dense.get("type", "clip")

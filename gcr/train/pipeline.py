@@ -32,7 +32,6 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from gcr import tracking
 from gcr.artifacts import find_run_dir, load_tensors, write_json
 from gcr.config_checks import build_checked_scheme
 from gcr.data.corpus import Corpus, RetrievalTask
@@ -44,7 +43,8 @@ from gcr.features import cached_target_features
 from gcr.index import IdentifierIndex
 from gcr.models.loading import load_backbone
 from gcr.registry import BACKBONES
-from gcr.results import ResultRow, build_results, save_results
+from gcr.reporting import tracking
+from gcr.reporting.results import ResultRow, build_results, save_results
 from gcr.run_folder import RunFolder, choose_run_dir
 from gcr.schemes import SchemeContext
 from gcr.train.callbacks import ConstrainedDecoding, RetrievalEvaluation
@@ -111,7 +111,7 @@ def _fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     sizes = ", ".join(f"{len(corpus.split(s))} {s}" for s in ("train", "val", "test"))
     log.info("data: %s, %s (%s)", corpus.name, plural(len(corpus.images), "item"), sizes)
     rows: list[ResultRow] = []
-    # each part is a W&B run of its own (gcr.tracking), finished before the next starts
+    # each part is a W&B run of its own (gcr.reporting.tracking), finished before the next starts
     with tracking.dense_run(cfg, f"{cfg.run_name}/dense", run_dir / "dense") as tracked:
         needed = _needs_dense(cfg, build_checked_scheme(cfg))
         dense, dense_seconds = dense_baseline(cfg, corpus, tracked) if needed else (None, 0.0)

@@ -38,7 +38,8 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from gcr.results import aggregate, is_main_process
+from gcr.artifacts import write_json
+from gcr.reporting.results import aggregate, is_main_process
 
 TABLE_COLUMNS = ("method", "kind", "direction", "seed", "R@1", "R@5", "R@10", "MRR@10", "queries_per_s",
                  "train_seconds", "mean_id_tokens", "collision_rate")
@@ -165,8 +166,6 @@ class TrackedRun:
         return self.run
 
     def _record(self) -> None:
-        from gcr.artifacts import write_json
-
         run = self.run
         write_json(self.directory / RUN_RECORD, {
             "id": run.id, "name": self.name, "group": run_group(self.cfg), "project": str(self.cfg.wandb.project),
