@@ -35,7 +35,7 @@ def _plugin_scheme_overrides(overrides: list[str], cdir: Path) -> list[str]:
         key, _, value = o.partition("=")
         if key == "scheme" and value and not (cdir / "scheme" / f"{value}.yaml").exists():
             if value not in SCHEMES:
-                raise ConfigError(SCHEMES._unknown_message(value))
+                raise ConfigError(SCHEMES.unknown_message(value))
             out += ["scheme=_plugin", f"scheme.name={value}"]
         else:
             out.append(o)
@@ -52,7 +52,7 @@ def compose(overrides: list[str], cdir: Path, *, check: bool = True):
     from gcr.registry import SCHEMES
 
     if cfg.scheme.name not in SCHEMES:
-        raise ConfigError(SCHEMES._unknown_message(cfg.scheme.name))
+        raise ConfigError(SCHEMES.unknown_message(cfg.scheme.name))
     if check:
         from gcr.config_checks import check_config
 

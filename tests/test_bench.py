@@ -246,7 +246,7 @@ def test_a_bad_key_fails_before_anything_is_trained(tmp_path, capsys):
 def test_a_folder_of_another_config_is_cleared_and_an_interrupted_one_kept(tmp_path):
     from omegaconf import OmegaConf
 
-    from gcr.reporting.bench import _clear_stale, finished_results
+    from gcr.reporting.bench import clear_stale, finished_results
 
     spec = load_bench("baselines", config_dir())
     (run,) = plan(spec, _args(tmp_path), config_dir())[:1]
@@ -254,10 +254,10 @@ def test_a_folder_of_another_config_is_cleared_and_an_interrupted_one_kept(tmp_p
     (run.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(run.cfg, resolve=True))  # as fit writes it
     (run.run_dir / "t2i").mkdir()
     assert finished_results(run) is None  # no results.json: interrupted
-    _clear_stale(run)
+    clear_stale(run)
     assert (run.run_dir / "t2i").is_dir()  # same config: kept, fit resumes it from last.ckpt
     (changed,) = plan(spec, [*_args(tmp_path), "trainer.max_epochs=3"], config_dir())[:1]
-    _clear_stale(changed)
+    clear_stale(changed)
     assert not run.run_dir.exists()  # another config: its checkpoints must not be resumed
 
 

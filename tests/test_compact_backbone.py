@@ -307,11 +307,11 @@ def test_pipeline_fits_a_word_scheme_on_the_layerwise_pretrained_encoder(tmp_pat
     results = fit(cfg)
     assert [(r["method"], r["direction"]) for r in results["rows"]] == [("ssi", "t2i")]
     assert 0.0 <= results["rows"][0]["metrics"]["R@1"] <= results["rows"][0]["metrics"]["R@10"] <= 1.0
-    texts = [k for k in cache._rows if k[1].modality == "text"]
-    layers = cache._rows[texts[0]]
+    texts = [row for content, row in cache.items() if content.modality == "text"]
+    layers = texts[0]
     assert layers.dtype == torch.float16 and layers.shape[1] == 7 * 384, "all 7 MiniLM hidden states, per token"
-    images = [k for k in cache._rows if k[1].modality == "image"]
-    assert len(images) == 40 and cache._rows[images[0]].shape[0] == 4 * 4 + 1, "grid cells + the pooled token"
+    images = [row for content, row in cache.items() if content.modality == "image"]
+    assert len(images) == 40 and images[0].shape[0] == 4 * 4 + 1, "grid cells + the pooled token"
 
 
 @pytest.mark.parametrize("encoder", ["aligned", "features"])

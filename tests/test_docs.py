@@ -109,7 +109,7 @@ def tiger_scheme(monkeypatch):
     try:
         yield
     finally:
-        SCHEMES._entries.pop("tiger", None)
+        SCHEMES.unregister("tiger")
         sys.modules.pop("gcr_tiger.scheme", None)
         sys.modules.pop("gcr_tiger", None)
 

@@ -176,7 +176,9 @@ def load_bench(name_or_path: str, cdir: Path) -> BenchSpec:
 
 # -- planning -----------------------------------------------------------------------------------
 @dataclass
-class _Run:
+class BenchRun:
+    """One run of a bench: its label, seed, overrides and the composed, checked config (see :func:`plan`)."""
+
     label: str
     seed: int
     overrides: list[str]
@@ -187,7 +189,7 @@ class _Run:
         return Path(self.cfg.output_dir) / self.cfg.run_name
 
 
-def plan(spec: BenchSpec, base_overrides: list[str], cdir: Path) -> list[_Run]:
+def plan(spec: BenchSpec, base_overrides: list[str], cdir: Path) -> list[BenchRun]:
     """Compose and check every run's config (seed-major order); nothing is written."""
     from omegaconf import OmegaConf
 
@@ -203,7 +205,7 @@ def plan(spec: BenchSpec, base_overrides: list[str], cdir: Path) -> list[_Run]:
                 build_scheme(cfg.scheme.name, seed=cfg.seed, **options)  # unknown scheme options fail here
             except (ConfigError, TypeError, ValueError) as exc:
                 raise ConfigError(f"bench {spec.name!r}, run {label!r} (seed {seed}): {exc}") from None
-            runs.append(_Run(label, seed, overrides, cfg))
+            runs.append(BenchRun(label, seed, overrides, cfg))
     first = runs[0]
     for run in runs[1:]:
         for key in SHARED_KEYS:
@@ -227,7 +229,7 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in IGNORED_FOR_REUSE}
 
 
-def finished_results(run: _Run) -> dict[str, Any] | None:
+def finished_results(run: BenchRun) -> dict[str, Any] | None:
     """The run folder's results if they come from a finished run of exactly this config, else None."""
     path = run.run_dir / "results.json"
     if not path.is_file():
@@ -242,8 +244,11 @@ def finished_results(run: _Run) -> dict[str, Any] | None:
     return saved if set(run.cfg.directions) <= directions else None
 
 
-def _clear_stale(run: _Run) -> None:
-    """Remove a run folder left by another config (its checkpoints must not be resumed under this one)."""
+def clear_stale(run: BenchRun) -> None:
+    """Remove a run folder left by another config (its checkpoints must not be resumed under this one).
+
+    A folder of this very config (an interrupted run) is kept: ``fit`` resumes it from ``last.ckpt``.
+    """
     from omegaconf import OmegaConf
 
     config = run.run_dir / "config.yaml"
@@ -260,7 +265,7 @@ def _clear_stale(run: _Run) -> None:
 
 
 # -- running ------------------------------------------------------------------------------------
-def _relabel(rows: list[dict[str, Any]], run: _Run) -> list[dict[str, Any]]:
+def _relabel(rows: list[dict[str, Any]], run: BenchRun) -> list[dict[str, Any]]:
     """Generative rows take the run's label (``semcore+gsv`` -> ``LABEL+gsv``); every row takes the seed."""
     scheme = str(run.cfg.scheme.name)
     out = []
@@ -294,7 +299,7 @@ def _dense_rows(cfg: Any, corpus: Any, seed: int, bench_dir: Path, label: str = 
     return [asdict(row) for row in rows]
 
 
-def _members(spec: BenchSpec, runs: list[_Run], bench_dir: Path, reused: dict[str, list[bool]]) -> list[dict[str, Any]]:
+def _members(spec: BenchSpec, runs: list[BenchRun], bench_dir: Path, reused: dict[str, list[bool]]) -> list[dict[str, Any]]:
     """Every member of the bench as its W&B run (name, id from its folder's ``wandb-run.json``, ...)."""
     members = []
     for i, seed in enumerate(spec.seeds):
@@ -354,7 +359,7 @@ def run_bench(bench_cfg: BenchSpec | Any, base_overrides: list[str], cdir: Path)
                 reused[run.label][i] = True
                 log.info("bench %s: reusing %s (seed %d), finished in %s", spec.name, run.label, seed, run.run_dir)
             else:
-                _clear_stale(run)
+                clear_stale(run)
                 log.info("bench %s: running %s (seed %d) -> %s", spec.name, run.label, seed, run.run_dir)
                 start = time.perf_counter()
                 saved = fit(run.cfg)
