@@ -21,7 +21,7 @@ import logging
 import sys
 from pathlib import Path
 
-from gcr.config import compose, config_dir, sweep
+from gcr.config import compose, config_dir, sweep, upgrade_config
 from gcr.errors import ConfigError, GcrError
 
 __all__ = ["build_parser", "compose", "config_dir", "main"]
@@ -108,6 +108,8 @@ def cmd_table(args) -> int:
     results = read_json(path, what="results file")
     if not isinstance(results, dict) or not isinstance(results.get("rows"), list) or not results["rows"]:
         raise ConfigError(f"{path} is not a gcr results file (no rows); pass the results.json of a fit or bench")
+    if isinstance(results.get("config"), dict):  # a file written before the key rename reads with today's keys
+        results["config"] = upgrade_config(results["config"])
     reference = args.reference or (results.get("bench") or {}).get("reference") or \
         (results.get("intervals") or {}).get("reference")
     results["intervals"] = compute_intervals(results, reference, resamples=args.resamples)

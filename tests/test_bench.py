@@ -334,3 +334,21 @@ def test_recall_curves_and_throughput_plots_are_pngs(tmp_path):
         throughput_vs_size([("dense", 0, 5.0)], tmp_path / "bad.png")
     with pytest.raises(ValueError, match="no throughput"):
         throughput_vs_size([], tmp_path / "empty.png")
+
+
+def test_gcr_table_reads_a_committed_results_file_of_the_old_config_keys(tmp_path, capsys):
+    """benchmarks/results/ keeps files written before every group selected its implementation with name."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "semcore-verify-cpu.json"
+    before = path.read_bytes()
+    stored = json.loads(before)
+    assert stored["config"]["data"]["type"] == "shapes" and stored["config"]["features"]["encoder"] == "dense"
+    assert main(["table", str(path), "--resamples", "200", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert all(r["method"] in printed for r in stored["rows"])
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["rows"] == stored["rows"] and written["intervals"]["rows"]  # per-query ranks: intervals
+    config = written["config"]
+    assert (config["data"]["name"], config["data"]["dataset"], config["features"]["name"]) == ("shapes", "shapes", "dense")
+    assert "type" not in config["data"] and "source" not in config["description"] and "type" not in config["dense"]
+    assert (config["description"]["name"], config["dense"]["name"]) == ("generated", "clip")
+    assert path.read_bytes() == before  # the committed file is read, never rewritten

@@ -324,9 +324,9 @@ def test_pipeline_fits_stored_feature_items(encoder, tmp_path):
 
     items = write_feature_items_fixture(tmp_path / "clotho", num_items=40, dim=24, seed=0)
     cfg = compose([
-        f"output_dir={tmp_path / 'runs'}", "data=feature_items", "data.name=toy-audio", f"data.json={items}",
+        f"output_dir={tmp_path / 'runs'}", "data=feature_items", "data.dataset=toy-audio", f"data.json={items}",
         f"data.features={items.parent}", "model=compact", "scheme=hkmeans", "scheme.k=4", "scheme.leaf_size=4",
-        f"model.encoder={encoder}", "features.encoder=precomputed", "dense=pretrained", "dense.max_epochs=5",
+        f"model.encoder={encoder}", "features.name=precomputed", "dense=pretrained", "dense.max_epochs=5",
         "trainer.max_epochs=2",
         "directions=[t2i]", "decoding.num_beams=3", "model.d_model=32", "model.num_layers=1", "model.num_heads=2",
     ], config_dir())

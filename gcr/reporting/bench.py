@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gcr.config import compose
+from gcr.config import compose, upgrade_config
 from gcr.data.sources import load_dataset
 from gcr.errors import ConfigError
 from gcr.reporting import tracking
@@ -226,7 +226,8 @@ def _container(value: Any) -> Any:
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in IGNORED_FOR_REUSE}
+    """What must match for reuse; a config stored before the key rename is read with the new keys."""
+    return {k: v for k, v in upgrade_config(config).items() if k not in IGNORED_FOR_REUSE}
 
 
 def finished_results(run: BenchRun) -> dict[str, Any] | None:

@@ -162,11 +162,17 @@ def generated_caption_ranks(
         key = captioner.key
         caption_at = captioner.caption
     elif d.captioner == "backbone":
+        description = OmegaConf.to_container(d, resolve=True)
+        description["source"] = description.pop("name")  # hashed under its pre-rename key: cached captions stay valid
+        dense = None
+        if cfg.model.get("vision_init") == "dense":
+            dense = OmegaConf.to_container(cfg.dense, resolve=True)
+            dense["type"] = dense.pop("name")  # likewise (dense.type became dense.name)
         spec = {
             # a model that cannot write text (cart) is replaced by a default tiny captioner (pipeline._captioner_factory)
             "model": OmegaConf.to_container(cfg.model, resolve=True) if _writes_text(cfg.model.name) else "tiny-default",
-            "description": OmegaConf.to_container(d, resolve=True),
-            "dense": OmegaConf.to_container(cfg.dense, resolve=True) if cfg.model.get("vision_init") == "dense" else None,
+            "description": description,
+            "dense": dense,
             "seed": int(cfg.seed),
         }
         key = "backbone-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
