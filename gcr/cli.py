@@ -21,7 +21,7 @@ import logging
 import sys
 from pathlib import Path
 
-from gcr.config import compose, config_dir, sweep
+from gcr.config import compose, config_dir, sweep, upgrade_config
 from gcr.errors import ConfigError, GcrError
 
 __all__ = ["build_parser", "compose", "config_dir", "main"]
@@ -38,7 +38,7 @@ def cmd_fit(args) -> int:
         for cfg in cfgs:
             print(OmegaConf.to_yaml(cfg))
         return 0
-    from gcr.results import print_table
+    from gcr.reporting.results import print_table
     from gcr.train.pipeline import fit
 
     combined = None
@@ -50,7 +50,7 @@ def cmd_fit(args) -> int:
         else:
             combined["rows"] += [r for r in results["rows"] if r["kind"] != "dense"]
     if len(cfgs) > 1:
-        from gcr.results import save_results
+        from gcr.reporting.results import save_results
 
         out = Path(cfgs[0].output_dir) / "sweep"
         save_results(combined, out)
@@ -76,7 +76,7 @@ def cmd_eval(args) -> int:
     find_run_dir(path)  # a path outside any run folder is refused here too
     from omegaconf import OmegaConf
 
-    from gcr.results import print_table, save_results
+    from gcr.reporting.results import print_table, save_results
     from gcr.train.pipeline import evaluate
 
     results = evaluate(path, OmegaConf.from_dotlist([f"{k}={v}" for k, v in values.items()]) if values else None)
@@ -87,7 +87,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from gcr.bench import load_bench, run_bench
+    from gcr.reporting.bench import load_bench, run_bench
 
     cdir = config_dir(args.config_dir)
     bad = [o for o in args.overrides if "=" not in o]
@@ -99,7 +99,7 @@ def cmd_bench(args) -> int:
 
 def cmd_table(args) -> int:
     from gcr.artifacts import read_json
-    from gcr.results import compute_intervals, print_table, save_results
+    from gcr.reporting.results import compute_intervals, print_table, save_results
 
     if args.resamples < 1:
         raise ConfigError(f"--resamples must be at least 1, got {args.resamples}")
@@ -108,11 +108,13 @@ def cmd_table(args) -> int:
     results = read_json(path, what="results file")
     if not isinstance(results, dict) or not isinstance(results.get("rows"), list) or not results["rows"]:
         raise ConfigError(f"{path} is not a gcr results file (no rows); pass the results.json of a fit or bench")
+    if isinstance(results.get("config"), dict):  # a file written before the key rename reads with today's keys
+        results["config"] = upgrade_config(results["config"])
     reference = args.reference or (results.get("bench") or {}).get("reference") or \
         (results.get("intervals") or {}).get("reference")
     results["intervals"] = compute_intervals(results, reference, resamples=args.resamples)
     if args.out:
-        from gcr.plots import recall_curves
+        from gcr.reporting.plots import recall_curves
 
         save_results(results, args.out)
         recall_curves(results, Path(args.out) / "recall_at_k.png")

@@ -7,14 +7,28 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from gcr.errors import ConfigError
+
+#: One naming rule: every config group selects its implementation with ``name`` (``model.name``,
+#: ``scheme.name``, ``data.name``, ``dense.name``, ``description.name``, ``features.name``). These keys said
+#: the same thing under other names before (old -> new); ``data.name`` was the dataset's label then, now
+#: ``data.dataset``. Stored configs (results.json, a run's config.yaml) are read through :func:`upgrade_config`.
+SELECTOR_RENAMES = {
+    "data.type": "data.name",
+    "dense.type": "dense.name",
+    "description.source": "description.name",
+    "features.encoder": "features.name",
+}
+_RULE = "every config group selects its implementation with name"
 
 
 def config_dir(explicit: str | None = None) -> Path:
@@ -35,7 +49,7 @@ def _plugin_scheme_overrides(overrides: list[str], cdir: Path) -> list[str]:
         key, _, value = o.partition("=")
         if key == "scheme" and value and not (cdir / "scheme" / f"{value}.yaml").exists():
             if value not in SCHEMES:
-                raise ConfigError(SCHEMES._unknown_message(value))
+                raise ConfigError(SCHEMES.unknown_message(value))
             out += ["scheme=_plugin", f"scheme.name={value}"]
         else:
             out.append(o)
@@ -52,7 +66,7 @@ def compose(overrides: list[str], cdir: Path, *, check: bool = True):
     from gcr.registry import SCHEMES
 
     if cfg.scheme.name not in SCHEMES:
-        raise ConfigError(SCHEMES._unknown_message(cfg.scheme.name))
+        raise ConfigError(SCHEMES.unknown_message(cfg.scheme.name))
     if check:
         from gcr.config_checks import check_config
 
@@ -82,6 +96,8 @@ def _groups(cdir: Path) -> list[str]:
 #: keys gcr used to have -> what to write now (said when an old command line or script uses them)
 RENAMED_KEYS: dict[str, str] = {
     "augment.caption_queries": "augment.pseudo_queries=N (N generated captions per image target; true was N=1)",
+    **{old: f"{new}=VALUE ({_RULE})" for old, new in SELECTOR_RENAMES.items() if old != "data.type"},
+    "data.type": f"data.name=VALUE ({_RULE}); the dataset's label, which data.name was before, is data.dataset",
 }
 
 
@@ -123,6 +139,37 @@ def _options_defining(key: str, cdir: Path) -> list[str]:
 
 
 _ABSENT = object()
+
+
+def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored config (plain dict) with the keys of :data:`SELECTOR_RENAMES` under their new names.
+
+    A config written before the rename has ``data.type`` (the loader) and ``data.name`` (the label): they
+    become ``data.name`` and ``data.dataset``. ``augment.caption_queries`` (true/false) becomes
+    ``augment.pseudo_queries`` (1/0). A current config comes back equal. The input is not changed.
+    """
+    out = copy.deepcopy(config)
+    data = out.get("data")
+    if isinstance(data, dict) and "type" in data:
+        if "name" in data:
+            data["dataset"] = data.pop("name")
+        data["name"] = data.pop("type")
+    for old, new in SELECTOR_RENAMES.items():
+        group, _, key = old.partition(".")
+        node = out.get(group)
+        if group != "data" and isinstance(node, dict) and key in node:
+            node[new.partition(".")[2]] = node.pop(key)
+    augment = out.get("augment")
+    if isinstance(augment, dict) and "caption_queries" in augment:
+        augment["pseudo_queries"] = int(bool(augment.pop("caption_queries")))
+    return out
+
+
+def load_run_config(path: str | Path):
+    """A run folder's ``config.yaml`` as a ``DictConfig``, written by any gcr version (see :func:`upgrade_config`)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(upgrade_config(OmegaConf.to_container(OmegaConf.load(path))))
 
 
 def sweep(overrides: list[str]) -> list[list[str]]:

@@ -73,10 +73,13 @@ def check_config(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
 # -- values -------------------------------------------------------------------------------------------
 def check_values(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
     """Mandatory values set, types as in the config files, gcr's own keys in range."""
+    _check_renamed_keys(cfg)  # first: an old config file may not even resolve (run_name reads data.dataset)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         group = missing[0].split(".")[0]
-        chosen = cfg.get(group, {}).get("name") if isinstance(cfg.get(group), DictConfig) else None
+        node = cfg.get(group)
+        # the option files of data are named after their dataset (data=coco: name karpathy, dataset coco)
+        chosen = node.get("dataset" if group == "data" else "name") if isinstance(node, DictConfig) else None
         where = f"{group}={chosen} needs" if chosen else "the config needs"
         example = " ".join(f"{k}=VALUE" for k in missing)
         raise ConfigError(f"{where} {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not set; "
@@ -93,11 +96,20 @@ def check_values(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
             bound = f">= {low}" if inclusive else f"> {low}"
             allowed = f"{bound} and <= {high}" if high is not None else bound
             raise ConfigError(f"{key}={value} is out of range: it must be {allowed}")
-    source = OmegaConf.select(cfg, "description.source")
+    source = OmegaConf.select(cfg, "description.name")
     if source is not None:
-        from gcr.descriptions import check_source
+        from gcr.descriptions.sources import check_source
 
         check_source(source)
+    loader = OmegaConf.select(cfg, "data.name")
+    if loader is not None:
+        from gcr.registry import DATASETS
+
+        if loader not in DATASETS:
+            raise ConfigError(f"data.name={loader} is not a dataset loader; choose one of {', '.join(DATASETS.names())}. "
+                              "data.name selects the loader (every config group selects its implementation with "
+                              f"name); the dataset's label (run folder, corpus name) is data.dataset, e.g. "
+                              f"data.dataset={loader}")
     directions = OmegaConf.select(cfg, "directions")
     if directions is not None:
         bad = [d for d in directions if d not in DIRECTIONS] if isinstance(directions, ListConfig) else [directions]
@@ -110,6 +122,20 @@ def check_values(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
     ks = OmegaConf.select(cfg, "eval.ks")
     if ks is not None and (not isinstance(ks, ListConfig) or not ks or any(not _is_int(k) or k < 1 for k in ks)):
         raise ConfigError(f"eval.ks={ks} is not valid: give a list of positive integers, e.g. eval.ks=[1,5,10]")
+
+
+def _check_renamed_keys(cfg: DictConfig) -> None:
+    """A config file of the old naming (``data.type``, ``dense.type``, ...) is refused with the new key's name."""
+    from gcr.config import SELECTOR_RENAMES
+
+    for old, new in SELECTOR_RENAMES.items():
+        group, _, key = old.partition(".")
+        node = cfg.get(group)
+        if isinstance(node, DictConfig) and key in node:
+            hint = " and its data.name (the label) to data.dataset" if old == "data.type" else ""
+            raise ConfigError(f"{old} is not a key of gcr's configs any more: it was renamed {new}, because every "
+                              f"config group selects its implementation with name; rename it in your config "
+                              f"file{hint}")
 
 
 def _paired_leaves(cfg: Any, defaults: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
@@ -192,20 +218,20 @@ def check_combinations(cfg: DictConfig, scheme: Any) -> None:
     model = f"model={cfg.model.name}"
     reads = set(getattr(backbone, "reads", ("text", "image")))
     writes_text = bool(getattr(backbone, "writes_text", True))
-    items = getattr(DATASETS.get(cfg.data.type), "item_modality", "image")
+    items = getattr(DATASETS.get(cfg.data.name), "item_modality", "image")
 
     if items not in reads:
         readers = ", ".join(f"model={n}" for n in _capable(BACKBONES, "reads", items))
-        raise ConfigError(f"{model} cannot read the {items} items of data={cfg.data.name}; use a backbone that "
+        raise ConfigError(f"{model} cannot read the {items} items of data.dataset={cfg.data.dataset}; use a backbone that "
                           f"reads them ({readers or 'none is registered'})")
-    dense_type = cfg.dense.get("type", "clip")
+    dense_type = cfg.dense.get("name", "clip")
     vision_init = cfg.model.get("vision_init", "none")
     needs = scheme.requirements
     needs_dense = (bool(cfg.dense.enabled) or vision_init == "dense"
-                   or (needs.features and cfg.features.encoder == "dense")
+                   or (needs.features and cfg.features.name == "dense")
                    or bool(backbone.needs_dense(OmegaConf.to_container(cfg.model, resolve=True))))
     if needs_dense and items != "image" and dense_type == "clip":
-        raise ConfigError(f"the CLIP-style dense baseline (dense=clip_tiny) reads image pixels, but data={cfg.data.name} "
+        raise ConfigError(f"the CLIP-style dense baseline (dense=clip_tiny) reads image pixels, but data.dataset={cfg.data.dataset} "
                           f"holds {items} items; fix: dense=pretrained (frozen MiniLM + the stored vectors), "
                           "or dense.enabled=false")
     if vision_init == "dense":
@@ -259,7 +285,7 @@ def _schemes_with_code_vectors() -> str:
 
 
 def _dense_choice(cfg: DictConfig) -> str:
-    return "pretrained" if cfg.dense.get("type") == "pretrained" else "clip_tiny"
+    return "pretrained" if cfg.dense.get("name") == "pretrained" else "clip_tiny"
 
 
 def _choices(registry: Any, attribute: str, sep: str) -> str:

@@ -55,7 +55,7 @@ def _tower(encoder: FeatureEncoder, modality: str, example: str):
         if encode is None:
             raise ConfigError(
                 f"{type(encoder).__name__} cannot read precomputed feature items (e.g. {example!r}); "
-                "fix: features.encoder=precomputed (stored vectors + MiniLM text) or pretrained, "
+                "fix: features.name=precomputed (stored vectors + MiniLM text) or pretrained, "
                 "and dense=pretrained for the dense baseline"
             )
         return encode

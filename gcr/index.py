@@ -136,6 +136,15 @@ class IdentifierIndex:
         self._trie = None
         return self
 
+    @property
+    def has_trie(self) -> bool:
+        """Whether the full trie is at hand (loaded from a matching ``trie.pt`` or built already).
+
+        False after loading an index whose saved trie is missing, stale or unusable: :meth:`trie` then
+        builds it on first use.
+        """
+        return self._trie is not None
+
     def trie(self, positions: Sequence[int] | None = None):
         """The prefix trie of the token ids (built once and cached), or of the identifiers at ``positions``.
 

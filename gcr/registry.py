@@ -73,6 +73,10 @@ class Registry(Generic[T]):
             raise ValueError(f"lazy target must look like 'module:attr', got {target!r}")
         self._add(_Entry(name, target, origin, description))
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (no error if absent): a test that registered a part for its duration removes it."""
+        self._entries.pop(name, None)
+
     def _add(self, entry: _Entry) -> None:
         existing = self._entries.get(entry.name)
         if existing is not None and existing.target is not entry.target and existing.target != entry.target:
@@ -133,7 +137,7 @@ class Registry(Generic[T]):
         if entry is None:
             if name in self._broken:
                 raise RegistryError(self._broken[name])
-            raise RegistryError(self._unknown_message(name))
+            raise RegistryError(self.unknown_message(name))
         if isinstance(entry.target, str):
             module, _, attr = entry.target.partition(":")
             try:
@@ -151,7 +155,8 @@ class Registry(Generic[T]):
         self._load_plugins()
         return [(e.name, e.origin, e.description) for _, e in sorted(self._entries.items())]
 
-    def _unknown_message(self, name: str) -> str:
+    def unknown_message(self, name: str) -> str:
+        """Why ``name`` is not usable: a broken plugin's import error, else close matches and every name."""
         choices = self.names()
         close = difflib.get_close_matches(name, choices, n=3)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""

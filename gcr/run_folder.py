@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from gcr.artifacts import atomic_write
+from gcr.config import upgrade_config
 
 log = logging.getLogger("gcr")
 
@@ -50,7 +51,8 @@ def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def saved_config(run_dir: Path) -> dict[str, Any] | None:
-    """The config a run folder holds (``None`` if it holds none, or one that cannot be read)."""
+    """The config a run folder holds, with today's keys (:func:`gcr.config.upgrade_config`); ``None`` if it holds
+    none, or one that cannot be read."""
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         return None
@@ -58,7 +60,7 @@ def saved_config(run_dir: Path) -> dict[str, Any] | None:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return None
-    return loaded if isinstance(loaded, dict) else None
+    return upgrade_config(loaded) if isinstance(loaded, dict) else None
 
 
 def choose_run_dir(output_dir: Path, run_name: str, config: dict[str, Any]) -> tuple[Path, str | None]:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from gcr.bench import BenchSpec, load_bench, plan
 from gcr.cli import config_dir, main
 from gcr.errors import ConfigError
-from gcr.results import format_table
+from gcr.reporting.bench import BenchSpec, load_bench, plan
+from gcr.reporting.results import format_table
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # The smallest budget that still runs every part: 100 images, one epoch of two batches, one direction.
@@ -102,7 +102,7 @@ def test_every_row_keeps_per_query_ranks_that_reproduce_its_metrics_exactly(benc
 
     from gcr.data.corpus import retrieval_task
     from gcr.data.sources import load_dataset
-    from gcr.results import RESULTS_VERSION, row_metrics_from_ranks
+    from gcr.reporting.results import RESULTS_VERSION, row_metrics_from_ranks
 
     _, _, results = bench
     assert results["gcr_results_version"] == RESULTS_VERSION == 2
@@ -208,7 +208,7 @@ def test_rerunning_a_bench_reuses_the_finished_runs(bench, capsys):
 
 
 def test_bench_logs_to_offline_wandb(bench, tmp_path, monkeypatch):
-    from gcr.bench import run_bench
+    from gcr.reporting.bench import run_bench
 
     tmp, bench_dir, _ = bench
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline comes from the config (wandb.mode)
@@ -246,7 +246,7 @@ def test_a_bad_key_fails_before_anything_is_trained(tmp_path, capsys):
 def test_a_folder_of_another_config_is_cleared_and_an_interrupted_one_kept(tmp_path):
     from omegaconf import OmegaConf
 
-    from gcr.bench import _clear_stale, finished_results
+    from gcr.reporting.bench import clear_stale, finished_results
 
     spec = load_bench("baselines", config_dir())
     (run,) = plan(spec, _args(tmp_path), config_dir())[:1]
@@ -254,10 +254,10 @@ def test_a_folder_of_another_config_is_cleared_and_an_interrupted_one_kept(tmp_p
     (run.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(run.cfg, resolve=True))  # as fit writes it
     (run.run_dir / "t2i").mkdir()
     assert finished_results(run) is None  # no results.json: interrupted
-    _clear_stale(run)
+    clear_stale(run)
     assert (run.run_dir / "t2i").is_dir()  # same config: kept, fit resumes it from last.ckpt
     (changed,) = plan(spec, [*_args(tmp_path), "trainer.max_epochs=3"], config_dir())[:1]
-    _clear_stale(changed)
+    clear_stale(changed)
     assert not run.run_dir.exists()  # another config: its checkpoints must not be resumed
 
 
@@ -320,7 +320,7 @@ def test_format_table_averages_seeds_with_the_sample_std():
 
 
 def test_recall_curves_and_throughput_plots_are_pngs(tmp_path):
-    from gcr.plots import recall_curves, throughput_vs_size
+    from gcr.reporting.plots import recall_curves, throughput_vs_size
 
     results = {"corpus": {"name": "synthetic"},
                "rows": [_row("hk", "t2i", 0.4, seed=0), _row("hk", "t2i", 0.6, seed=1), _row("hk", "i2t", 0.3)]}
@@ -334,3 +334,21 @@ def test_recall_curves_and_throughput_plots_are_pngs(tmp_path):
         throughput_vs_size([("dense", 0, 5.0)], tmp_path / "bad.png")
     with pytest.raises(ValueError, match="no throughput"):
         throughput_vs_size([], tmp_path / "empty.png")
+
+
+def test_gcr_table_reads_a_committed_results_file_of_the_old_config_keys(tmp_path, capsys):
+    """benchmarks/results/ keeps files written before every group selected its implementation with name."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "semcore-verify-cpu.json"
+    before = path.read_bytes()
+    stored = json.loads(before)
+    assert stored["config"]["data"]["type"] == "shapes" and stored["config"]["features"]["encoder"] == "dense"
+    assert main(["table", str(path), "--resamples", "200", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert all(r["method"] in printed for r in stored["rows"])
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["rows"] == stored["rows"] and written["intervals"]["rows"]  # per-query ranks: intervals
+    config = written["config"]
+    assert (config["data"]["name"], config["data"]["dataset"], config["features"]["name"]) == ("shapes", "shapes", "dense")
+    assert "type" not in config["data"] and "source" not in config["description"] and "type" not in config["dense"]
+    assert (config["description"]["name"], config["dense"]["name"]) == ("generated", "clip")
+    assert path.read_bytes() == before  # the committed file is read, never rewritten

@@ -17,19 +17,14 @@ from transformers import (
     LlavaProcessor,
 )
 
-from gcr.captioning import (
-    BackboneCaptioner,
-    HFZeroShotCaptioner,
-    cached_captions,
-    captions_cache_path,
-    train_backbone_captioner,
-    train_caption_pairs,
-)
 from gcr.data.corpus import Content
 from gcr.data.sources import load_shapes
+from gcr.descriptions.cache import cached_captions, captions_cache_path
+from gcr.descriptions.captioners import BackboneCaptioner, HFZeroShotCaptioner, train_caption_pairs
 from gcr.errors import DataError
 from gcr.models.tiny import TinyBackbone
 from gcr.models.tokenizer import train_corpus_tokenizer
+from gcr.train.captioner import train_backbone_captioner
 
 TINY = dict(
     vocab_size=200, hidden_size=64, num_layers=1, num_heads=2, vision_hidden_size=32, vision_layers=1,

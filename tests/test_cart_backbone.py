@@ -370,7 +370,7 @@ def test_pipeline_fits_cart_with_hkmeans(tmp_path):
 
     cfg = compose([
         f"output_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}", "data.num_images=100",
-        "model=cart", "scheme=hkmeans", "scheme.k=4", "scheme.leaf_size=4", "features.encoder=pretrained",
+        "model=cart", "scheme=hkmeans", "scheme.k=4", "scheme.leaf_size=4", "features.name=pretrained",
         "dense.enabled=false", "trainer.max_epochs=1", "decoding.num_beams=5",
         "model.d_model=64", "model.num_layers=1", "model.ffn_dim=128",
     ], config_dir())
@@ -395,10 +395,10 @@ def test_pipeline_fits_cart_scheme_on_precomputed_audio_features(tmp_path):
 
     items = write_feature_items_fixture(tmp_path / "clotho", num_items=40, dim=24, seed=0)
     cfg = compose([
-        f"output_dir={tmp_path / 'runs'}", "data=feature_items", "data.name=toy-audio",
+        f"output_dir={tmp_path / 'runs'}", "data=feature_items", "data.dataset=toy-audio",
         f"data.json={items}", f"data.features={items.parent}",
         "model=cart", "scheme=cart", "scheme.coarse_k=4", "scheme.levels=2", "scheme.codebook_size=8", "scheme.steps=100",
-        "features.encoder=precomputed", "dense=pretrained", "dense.max_epochs=5",
+        "features.name=precomputed", "dense=pretrained", "dense.max_epochs=5",
         "trainer.max_epochs=2", "decoding.num_beams=5", "model.d_model=64", "model.num_layers=1", "model.ffn_dim=128",
     ], config_dir())
     results = fit(cfg)

@@ -206,7 +206,7 @@ def test_core_imports_without_lightning_or_wandb(imports):
 BOUNDARY_PROBE = """
 import importlib, json, pkgutil, sys
 import gcr
-TRAINING = ("gcr.train", "gcr.bench", "gcr.dense.setup", "gcr.dense.training")  # Lightning and W&B live here only
+TRAINING = ("gcr.train", "gcr.dense.setup", "gcr.dense.training")  # Lightning and W&B live here only
 found = {}
 names = sorted(m.name for m in pkgutil.walk_packages(gcr.__path__, "gcr."))
 for name in names:

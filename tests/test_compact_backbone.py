@@ -307,11 +307,11 @@ def test_pipeline_fits_a_word_scheme_on_the_layerwise_pretrained_encoder(tmp_pat
     results = fit(cfg)
     assert [(r["method"], r["direction"]) for r in results["rows"]] == [("ssi", "t2i")]
     assert 0.0 <= results["rows"][0]["metrics"]["R@1"] <= results["rows"][0]["metrics"]["R@10"] <= 1.0
-    texts = [k for k in cache._rows if k[1].modality == "text"]
-    layers = cache._rows[texts[0]]
+    texts = [row for content, row in cache.items() if content.modality == "text"]
+    layers = texts[0]
     assert layers.dtype == torch.float16 and layers.shape[1] == 7 * 384, "all 7 MiniLM hidden states, per token"
-    images = [k for k in cache._rows if k[1].modality == "image"]
-    assert len(images) == 40 and cache._rows[images[0]].shape[0] == 4 * 4 + 1, "grid cells + the pooled token"
+    images = [row for content, row in cache.items() if content.modality == "image"]
+    assert len(images) == 40 and images[0].shape[0] == 4 * 4 + 1, "grid cells + the pooled token"
 
 
 @pytest.mark.parametrize("encoder", ["aligned", "features"])
@@ -324,9 +324,9 @@ def test_pipeline_fits_stored_feature_items(encoder, tmp_path):
 
     items = write_feature_items_fixture(tmp_path / "clotho", num_items=40, dim=24, seed=0)
     cfg = compose([
-        f"output_dir={tmp_path / 'runs'}", "data=feature_items", "data.name=toy-audio", f"data.json={items}",
+        f"output_dir={tmp_path / 'runs'}", "data=feature_items", "data.dataset=toy-audio", f"data.json={items}",
         f"data.features={items.parent}", "model=compact", "scheme=hkmeans", "scheme.k=4", "scheme.leaf_size=4",
-        f"model.encoder={encoder}", "features.encoder=precomputed", "dense=pretrained", "dense.max_epochs=5",
+        f"model.encoder={encoder}", "features.name=precomputed", "dense=pretrained", "dense.max_epochs=5",
         "trainer.max_epochs=2",
         "directions=[t2i]", "decoding.num_beams=3", "model.d_model=32", "model.num_layers=1", "model.num_heads=2",
     ], config_dir())

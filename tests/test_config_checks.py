@@ -42,6 +42,13 @@ CASES = {
     "augment.pseudo_queries=2 directions=[i2t]": ["augment.pseudo_queries", "t2i"],
     "augment.pseudo_queries=-1": ["augment.pseudo_queries"],
     "augment.caption_queries=true": ["renamed", "augment.pseudo_queries=N"],
+    # the old names of each group's implementation selector (now name everywhere)
+    "features.encoder=pretrained": ["features.encoder was renamed", "features.name=VALUE", "with name"],
+    "dense.type=pretrained": ["dense.type was renamed", "dense.name=VALUE"],
+    "description.source=heldout": ["description.source was renamed", "description.name=VALUE"],
+    "data.type=karpathy": ["data.type was renamed", "data.name=VALUE", "data.dataset"],
+    "data.name=clotho": ["data.name=clotho is not a dataset loader", "shapes", "data.dataset=clotho"],
+    "description.name=oracle": ["unknown description.name='oracle'", "heldout"],
 }
 
 
@@ -73,3 +80,18 @@ def test_no_traceback_reaches_the_user(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "scheme.k" in proc.stderr
     assert list(tmp_path.iterdir()) == []  # no data generated, no run folder made
+
+
+def test_a_config_file_with_the_old_selector_keys_is_refused_with_the_new_names(tmp_path, capsys):
+    """A user's own config folder written before the rename (data.type + data.name as the label)."""
+    import shutil
+    from pathlib import Path
+
+    cdir = tmp_path / "configs"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "configs", cdir)
+    (cdir / "data" / "mine.yaml").write_text("type: shapes\nname: mine\nroot: data/mine\nnum_images: 40\n"
+                                             "seed: 0\nimage_size: 32\ncheck_images: open\n")
+    code = main(["fit", "--cfg", "--config-dir", str(cdir), "data=mine", f"output_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "data.type" in err and "renamed data.name" in err and "data.dataset" in err

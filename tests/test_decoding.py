@@ -140,7 +140,8 @@ def test_wide_nodes_get_dense_rows_and_agree_with_the_window():
     vocab = 300
     identifiers = list(dict.fromkeys((rng.randrange(3, vocab), rng.randrange(3, vocab), 2) for _ in range(3000)))
     trie = TokenTrie.build([list(i) for i in identifiers], vocab, 2)
-    assert trie._dense_nodes.numel() >= 1 and trie._sparse_width < 3 + max(
+    layout = trie.layout()
+    assert len(layout["dense_nodes"]) >= 1 and layout["window"] < 3 + max(
         sum(1 for i in identifiers if i[0] == first) for first in {i[0] for i in identifiers}
     )
     root = naive_trie([list(i) for i in identifiers])
@@ -582,7 +583,7 @@ def test_masking_paths_agree_at_wide_dense_and_complement_nodes(kernel):
     identifiers |= {(firsts[1], t, u, 2) for t in range(3, 8) for u in range(3, 6)}  # narrow nodes
     trie = TokenTrie.build([list(i) for i in sorted(identifiers)], vocab, 2)
     trie.cpu_kernel = kernel
-    assert trie._complement_nodes.tolist() == [0] and trie._dense_nodes.numel() >= 1
+    assert trie.layout()["complement_nodes"] == [0] and len(trie.layout()["dense_nodes"]) >= 1
     prefixes = [[], [firsts[0]], [firsts[1]], [firsts[1], 3], [firsts[2], 2], [7, 7], [firsts[0]]] * 3
     states = trie.walk(padded(prefixes))
     scores = torch.randn(states.numel(), vocab + 3)

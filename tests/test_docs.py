@@ -7,7 +7,7 @@ before doing any work, in-process (no training, no data):
 * ``gcr fit ...``: ``gcr fit ... --cfg`` through :func:`gcr.cli.main` exits 0, and every composed run's scheme
   builds with its options (which ``--cfg`` alone does not check);
 * ``gcr bench NAME ...``: the bench file loads and every run of it composes and builds, as
-  :func:`gcr.bench.plan` does before the first run starts;
+  :func:`gcr.reporting.bench.plan` does before the first run starts;
 * ``gcr eval``, ``gcr explain``, ``gcr schemes``, ``gcr data``: argparse accepts the arguments.
 
 A line that cannot run as shown (a placeholder path) ends with ``# template`` and is skipped; a line shown to
@@ -28,11 +28,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from gcr.bench import load_bench, plan
 from gcr.cli import build_parser, compose, config_dir, main
 from gcr.config import sweep
 from gcr.errors import GcrError
 from gcr.registry import SCHEMES
+from gcr.reporting.bench import load_bench, plan
 from gcr.schemes import build_scheme
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,7 +109,7 @@ def tiger_scheme(monkeypatch):
     try:
         yield
     finally:
-        SCHEMES._entries.pop("tiger", None)
+        SCHEMES.unregister("tiger")
         sys.modules.pop("gcr_tiger.scheme", None)
         sys.modules.pop("gcr_tiger", None)
 

@@ -87,7 +87,7 @@ def test_missing_package_names_the_install_command():
 def test_minilm_fingerprint_needs_no_model():
     a, b = MiniLMTextEncoder(), MiniLMTextEncoder()
     assert a.fingerprint() == b.fingerprint()
-    assert a._model is None  # a feature-cache hit never loads sentence-transformers
+    assert not a.loaded  # a feature-cache hit never loads sentence-transformers
     assert MiniLMTextEncoder(normalize=False).fingerprint() != a.fingerprint()
     assert len(a.fingerprint()) == 16 and a.fingerprint().isalnum()
 

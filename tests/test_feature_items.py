@@ -115,10 +115,12 @@ def test_restval_ids_and_tokens_fallback(files_corpus: Path) -> None:
 
 def test_registered_dataset_and_config(files_corpus: Path) -> None:
     cfg = OmegaConf.load(REPO / "configs" / "data" / "feature_items.yaml")
-    assert cfg.type == "feature_items" and OmegaConf.is_missing(cfg, "json") and OmegaConf.is_missing(cfg, "features")
+    assert cfg.name == "feature_items" and OmegaConf.is_missing(cfg, "json") and OmegaConf.is_missing(cfg, "features")
     cfg.json, cfg.features = str(files_corpus), str(files_corpus.parent)
     corpus = load_dataset(cfg)
     assert corpus.name == "feature_items" and len(corpus.images) == 10
+    cfg.dataset = "clotho"  # the label names the corpus; name stays the loader
+    assert load_dataset(cfg).name == "clotho"
 
 
 # --------------------------------------------------------------------------- corpus model and tasks
@@ -376,7 +378,7 @@ def test_precomputed_encoder_returns_the_stored_vectors(matrix_corpus: Path) -> 
     with pytest.raises(ConfigError, match="not image files"):
         unit.encode_images(["a.png"])
     text_only = build_feature_encoder("minilm")  # lazy: the model is not loaded
-    with pytest.raises(ConfigError, match=r"MiniLMTextEncoder cannot read precomputed feature items.*features\.encoder=precomputed"):
+    with pytest.raises(ConfigError, match=r"MiniLMTextEncoder cannot read precomputed feature items.*features\.name=precomputed"):
         encode_contents(text_only, contents)
 
 

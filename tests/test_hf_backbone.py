@@ -241,7 +241,7 @@ def test_adding_tokens_again_keeps_what_was_trained(ckpt):
     assert after.shape[-1] == before.shape[-1] + 1
     assert torch.allclose(after[..., :-1], before, atol=1e-6)
     new_id = backbone.tokenizer.convert_tokens_to_ids("<id_4>")
-    assert new_id in backbone._new_token_ids
+    assert new_id in backbone.new_token_ids
 
 
 # -- 4. constrained generation ----------------------------------------------------------------------
@@ -437,7 +437,7 @@ def test_qwen2_vl_multimodal_rope(tmp_path, monkeypatch):
     Image.new("RGB", (40, 48), (200, 30, 30)).save(large)
 
     backbone = _backbone(path, lora={"dropout": 0.0, "target_modules": "all-linear"})
-    assert backbone._mrope
+    assert backbone.uses_mrope
     assert not any("visual" in n for n, _ in backbone.named_parameters() if "lora_" in n)
     tok, identifiers = backbone.tokenizer, _targets(backbone)
     for contents in (

@@ -63,7 +63,7 @@ def canary_run(tmp_path_factory):
 
 
 def test_no_val_or_test_caption_reaches_training(canary_run):
-    from gcr.captioning import train_caption_pairs
+    from gcr.descriptions.captioners import train_caption_pairs
     from gcr.index import IdentifierIndex
     from gcr.train.datamodule import training_examples
     from gcr.train.pseudo_queries import pseudo_queries
@@ -110,8 +110,8 @@ def test_second_beam_differs_from_the_first_per_image(tmp_path):
     """The captioner's rank-1 caption of an image is its second-best beam, not a copy of the best."""
     import torch
 
-    from gcr.captioning import train_backbone_captioner
     from gcr.models.tiny import TinyBackbone
+    from gcr.train.captioner import train_backbone_captioner
 
     cfg = compose([f"data.root={tmp_path / 'data'}", "data.num_images=20"], config_dir())
     corpus = load_dataset(cfg.data)

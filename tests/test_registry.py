@@ -244,7 +244,8 @@ def test_entry_point_plugin_is_discovered_listed_and_built(plugins):
     assert cls is sys.modules["fakeplugin_ok"].FakeScheme
     assert issubclass(cls, IdentifierScheme)
     assert reg.build("fakescheme").fit([None, None]) == ["fake-0", "fake-1"]
-    assert "fakescheme" not in SCHEMES._entries  # global state not polluted
+    # entries belong to their registry: another one (no plugins in its group) does not see this one's
+    assert "fakescheme" not in Registry("widgets").names() and "atomic" not in Registry("widgets").names()
 
 
 def test_broken_plugin_is_reported_and_never_breaks_the_others(plugins, caplog):
@@ -291,3 +292,14 @@ def test_plugin_reusing_a_builtin_name_is_reported_and_the_builtin_kept(
         and "builtin" in broken["atomic"]
     )
     assert reg.get("atomic").__module__ == "gcr.schemes.atomic"
+
+
+def test_unregister_removes_an_entry_and_ignores_an_absent_one():
+    reg = Registry("widgets")
+    reg.register("w", object(), description="a widget")
+    assert "w" in reg
+    reg.unregister("w")
+    reg.unregister("never-there")
+    assert "w" not in reg and reg.names() == []
+    with pytest.raises(RegistryError, match="unknown widget 'w'"):
+        reg.get("w")

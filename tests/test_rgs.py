@@ -60,7 +60,7 @@ def test_training_targets_are_identifier_separator_rationale_eos(setup):
     task, index, rgs, backbone = setup
     data = GenerativeDataModule(task, index, backbone, batch_size=4, rationales=rgs.token_ids)
     data.setup("fit")
-    batch = data._collate_train(data.examples[:4])
+    batch = data.train_dataloader().collate_fn(data.examples[:4])  # what training batches go through
     tok = backbone.tokenizer
     for row, example in enumerate(data.examples[:4]):
         labelled = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX].tolist()
@@ -76,7 +76,7 @@ def test_rgs_loss_weighs_the_rationale_and_ignores_the_prompt(setup):
     task, index, rgs, backbone = setup
     data = GenerativeDataModule(task, index, backbone, batch_size=4, rationales=rgs.token_ids)
     data.setup("fit")
-    batch = data._collate_train(data.examples[:4])
+    batch = data.train_dataloader().collate_fn(data.examples[:4])
     labels, mask = batch["labels"], batch["rationale_mask"]
     with torch.no_grad():
         logits = backbone.logits({k: v for k, v in batch.items() if k != "rationale_mask"})

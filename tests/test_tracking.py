@@ -34,7 +34,7 @@ TRAIN_STEPS = 2  # one epoch of two batches
 
 def _all_runs(root: Path) -> list[dict]:
     """Every offline W&B run under ``root``, read back from its ``.wandb`` file."""
-    from gcr.tracking import read_offline_run
+    from gcr.reporting.tracking import read_offline_run
 
     return [read_offline_run(p) for p in sorted(root.rglob("offline-run-*")) if p.is_dir()]
 
@@ -171,7 +171,7 @@ def test_eval_of_a_finished_run_is_a_run_of_its_own_in_the_group(bench):
 
 
 def test_a_plain_fit_is_its_own_group(tmp_path):
-    from gcr.tracking import direction_run, run_group, run_tags
+    from gcr.reporting.tracking import direction_run, run_group, run_tags
 
     cfg = compose([f"output_dir={tmp_path}", "scheme=atomic", "wandb.enabled=true"], config_dir())
     assert run_group(cfg) == cfg.run_name == "shapes-atomic-tiny"
@@ -181,7 +181,7 @@ def test_a_plain_fit_is_its_own_group(tmp_path):
 
 
 def test_disabled_tracking_writes_nothing(tmp_path, monkeypatch):
-    from gcr.tracking import TrackedRun
+    from gcr.reporting.tracking import TrackedRun
 
     cfg = compose([f"output_dir={tmp_path}", "wandb.enabled=true"], config_dir())
     monkeypatch.setenv("WANDB_MODE", "disabled")
@@ -192,5 +192,5 @@ def test_disabled_tracking_writes_nothing(tmp_path, monkeypatch):
 
 
 def test_tracking_imports_without_wandb_or_lightning():
-    code = "import sys, gcr.tracking; bad = {'wandb', 'lightning'} & set(sys.modules); assert not bad, bad"
+    code = "import sys, gcr.reporting.tracking; bad = {'wandb', 'lightning'} & set(sys.modules); assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True)

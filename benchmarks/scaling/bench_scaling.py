@@ -40,8 +40,8 @@ from gcr.data.shapes import BACKGROUNDS, COLORS, KINDS, SIZES, TEXTURES
 from gcr.index import IdentifierIndex
 from gcr.models.tiny import TinyBackbone
 from gcr.models.tokenizer import train_corpus_tokenizer
-from gcr.plots import throughput_vs_size
 from gcr.progress import progress
+from gcr.reporting.plots import throughput_vs_size
 from gcr.retrieval import ConstrainedRetriever
 from gcr.schemes.cart import CartScheme
 from gcr.schemes.hkmeans import HierarchicalKMeansScheme

@@ -1,7 +1,8 @@
-"""Dataset sources by config ``type``: the generated shapes data, or a Karpathy JSON on disk.
+"""Dataset sources by the data config's ``name`` (the loader): the generated shapes data, or a Karpathy JSON.
 
 Items given as precomputed embeddings (audio, video, ...) load through
-:func:`gcr.data.feature_items.load_feature_items` (``type: feature_items``).
+:func:`gcr.data.feature_items.load_feature_items` (``name: feature_items``). A loader is called with the data
+config's other keys; ``data.dataset`` (the corpus label) reaches it as ``name``.
 """
 
 from __future__ import annotations
@@ -36,8 +37,13 @@ def load_karpathy_source(
 
 
 def load_dataset(cfg) -> Corpus:
-    """Load the corpus a ``data`` config describes, dispatching on its ``type``."""
+    """Load the corpus a ``data`` config describes, dispatching on its ``name`` (the loader).
+
+    The loader gets the config's other keys as keyword arguments, ``dataset`` (the corpus label) as ``name``.
+    """
     from gcr.registry import DATASETS
 
-    options = {k: v for k, v in dict(cfg).items() if k != "type"}
-    return DATASETS.get(cfg["type"])(**options)
+    options = {k: v for k, v in dict(cfg).items() if k not in ("name", "dataset")}
+    if cfg.get("dataset") is not None:
+        options["name"] = cfg["dataset"]
+    return DATASETS.get(cfg["name"])(**options)

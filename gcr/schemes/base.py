@@ -193,7 +193,7 @@ class IdentifierScheme(ABC):
 
     def _require_features(self, targets: Sequence[Target], features: np.ndarray | None) -> np.ndarray:
         if features is None:
-            raise ConfigError(f"scheme {self.name!r} needs target features; set features.encoder in the config")
+            raise ConfigError(f"scheme {self.name!r} needs target features; set features.name in the config")
         features = np.asarray(features, dtype=np.float32)
         if features.ndim != 2 or features.shape[0] != len(targets):
             raise ConfigError(

@@ -182,7 +182,7 @@ class CartScheme(IdentifierScheme):
         if x.shape[1] != self._centroids.shape[1]:
             raise ConfigError(
                 f"cart was fitted on {self._centroids.shape[1]}-d features but got {x.shape[1]}-d ones; "
-                "use the same features.encoder as when the index was built"
+                "use the same features.name as when the index was built"
             )
         coarse = nearest_centroid(x, self._centroids)
         codes = np.zeros((len(x), 0), dtype=np.int64)
@@ -379,7 +379,7 @@ class CartScheme(IdentifierScheme):
         x = self._require_features(targets, features)
         if not np.isfinite(x).all():
             raise ConfigError(
-                "cart got NaN or infinite target features; check the feature encoder (features.encoder)"
+                "cart got NaN or infinite target features; check the feature encoder (features.name)"
             )
         return x
 

@@ -3,7 +3,7 @@
 Recall@K follows the cross-modal retrieval convention: a query counts as a hit when *any* relevant target
 is among the first K (a hit rate). This matters for image-to-text, where an image has five relevant
 captions. The scorer keeps each query's id and the rank of its first relevant target, and computes every
-metric from those ranks (:func:`gcr.intervals.metrics_from_ranks`), so the per-query record stored in
+metric from those ranks (:func:`gcr.reporting.intervals.metrics_from_ranks`), so the per-query record stored in
 ``results.json`` reproduces the reported metrics exactly and bootstrap intervals need no retraining.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from gcr.intervals import first_relevant_rank, metrics_from_ranks
+from gcr.reporting.intervals import first_relevant_rank, metrics_from_ranks
 
 
 class RetrievalScorer:

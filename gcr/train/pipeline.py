@@ -32,19 +32,20 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from gcr import tracking
 from gcr.artifacts import find_run_dir, load_tensors, write_json
+from gcr.config import load_run_config
 from gcr.config_checks import build_checked_scheme
 from gcr.data.corpus import Corpus, RetrievalTask
 from gcr.data.sources import load_dataset
 from gcr.dense.setup import dense_baseline, dense_rows, plural
-from gcr.descriptions import describe_targets, scored_task
+from gcr.descriptions.sources import describe_targets, scored_task
 from gcr.errors import ArtifactError
 from gcr.features import cached_target_features
 from gcr.index import IdentifierIndex
 from gcr.models.loading import load_backbone
 from gcr.registry import BACKBONES
-from gcr.results import ResultRow, build_results, save_results
+from gcr.reporting import tracking
+from gcr.reporting.results import ResultRow, build_results, save_results
 from gcr.run_folder import RunFolder, choose_run_dir
 from gcr.schemes import SchemeContext
 from gcr.train.callbacks import ConstrainedDecoding, RetrievalEvaluation
@@ -86,7 +87,7 @@ def _needs_dense(cfg: DictConfig, scheme) -> bool:
     return bool(
         cfg.dense.enabled
         or cfg.model.get("vision_init") == "dense"
-        or (scheme.requirements.features and cfg.features.encoder == "dense")
+        or (scheme.requirements.features and cfg.features.name == "dense")
         or backbone_needs_dense(cfg)
     )
 
@@ -111,7 +112,7 @@ def _fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     sizes = ", ".join(f"{len(corpus.split(s))} {s}" for s in ("train", "val", "test"))
     log.info("data: %s, %s (%s)", corpus.name, plural(len(corpus.images), "item"), sizes)
     rows: list[ResultRow] = []
-    # each part is a W&B run of its own (gcr.tracking), finished before the next starts
+    # each part is a W&B run of its own (gcr.reporting.tracking), finished before the next starts
     with tracking.dense_run(cfg, f"{cfg.run_name}/dense", run_dir / "dense") as tracked:
         needed = _needs_dense(cfg, build_checked_scheme(cfg))
         dense, dense_seconds = dense_baseline(cfg, corpus, tracked) if needed else (None, 0.0)
@@ -164,15 +165,15 @@ def _fit_direction(cfg: DictConfig, corpus: Corpus, direction: str, dense, out_d
                                                             extra_examples=generated.examples)
     stats = {**index.stats(), "build_seconds": index_seconds, **scheme.stats(), "pseudo_queries": generated.record}
     if needs.descriptions:
-        stats["description"] = cfg.description.source
+        stats["description"] = cfg.description.name
     return _rows(cfg, task.direction, results, train_seconds, stats, per_query)
 
 
 def _target_features(cfg: DictConfig, corpus: Corpus, task: RetrievalTask, dense):
-    log.info("features: %s targets with the %s encoder (cached)", len(task.targets), cfg.features.encoder)
-    encoder = dense if cfg.features.encoder == "dense" else _feature_encoder(cfg.features.encoder, corpus)
+    log.info("features: %s targets with the %s encoder (cached)", len(task.targets), cfg.features.name)
+    encoder = dense if cfg.features.name == "dense" else _feature_encoder(cfg.features.name, corpus)
     return cached_target_features(
-        encoder, cfg.features.encoder, task.targets, corpus_fingerprint=corpus.fingerprint(),
+        encoder, cfg.features.name, task.targets, corpus_fingerprint=corpus.fingerprint(),
         cache_dir=cfg.cache_dir, batch_size=cfg.features.batch_size,
     )
 
@@ -230,14 +231,14 @@ def _feature_encoder(name: str, corpus: Corpus):
 
 
 def _described(cfg: DictConfig, corpus: Corpus, task: RetrievalTask, dense) -> RetrievalTask:
-    """``task`` with leakage-free target descriptions (``description.source``) for text-built identifiers."""
+    """``task`` with leakage-free target descriptions (``description.name``) for text-built identifiers."""
     d = cfg.description
     captions = None
-    if d.source == "generated" and task.direction == "t2i":
+    if d.name == "generated" and task.direction == "t2i":
         from gcr.train.captioner import generated_captions
 
         captions = generated_captions(cfg, corpus, _captioner_factory(cfg, dense))
-    return describe_targets(task, corpus, d.source, heldout_caption=int(d.heldout_caption), captions=captions)
+    return describe_targets(task, corpus, d.name, heldout_caption=int(d.heldout_caption), captions=captions)
 
 
 def _captioner_factory(cfg: DictConfig, dense):
@@ -332,7 +333,7 @@ def evaluate(path: str | Path, overrides: DictConfig | None = None) -> dict[str,
     path = Path(path)
     ckpt = path if path.suffix == ".ckpt" else None
     run_dir = find_run_dir(path)
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir / "config.yaml")
     if overrides is not None:
         cfg = OmegaConf.merge(cfg, overrides)
     corpus = load_dataset(cfg.data)

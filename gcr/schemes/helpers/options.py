@@ -27,7 +27,7 @@ from gcr.errors import ConfigError
 class SchemeRequirements:
     """What a scheme needs and declares (all false by default).
 
-    - ``features``: :meth:`fit` needs the targets' feature vectors (``features.encoder``).
+    - ``features``: :meth:`fit` needs the targets' feature vectors (``features.name``).
     - ``descriptions``: identifiers are built from ``Target.text``, which the pipeline first replaces with a
       leakage-free description (``description=heldout|generated``).
     - ``words``: identifiers are words the backbone's tokenizer must spell (no new tokens).

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gcr.artifacts import atomic_write
-from gcr.results import aggregate, direction_order
+from gcr.reporting.results import aggregate, direction_order
 
 _RECALL = re.compile(r"^R@(\d+)$")
 
@@ -40,7 +40,7 @@ def recall_curves(results: Mapping[str, Any], path: str | Path) -> Path:
     Only the K that were evaluated (``eval.ks``, by default 1, 5, 10) are known, so each line joins those
     points. With several seeds a point is the mean over the seeds. Its error bar is the 95% bootstrap interval
     over test queries when the document has one for that method (``intervals``, see
-    :func:`gcr.results.compute_intervals`), else the sample std over the seeds (none for a single seed).
+    :func:`gcr.reporting.results.compute_intervals`), else the sample std over the seeds (none for a single seed).
     """
     stats = aggregate(list(results["rows"]))
     intervals = {(e["method"], e["direction"]): e["metrics"] for e in (results.get("intervals") or {}).get("rows", [])}

@@ -42,8 +42,8 @@ import numpy as np
 RESAMPLES = 2000
 CONFIDENCE = 0.95
 _METRIC = re.compile(r"^(R|MRR)@(\d+)$")
-#: At most this many resampled values are held in memory at once.
-_CHUNK_VALUES = 1 << 22
+#: At most this many resampled values are held in memory at once (default of ``max_values``).
+CHUNK_VALUES = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -115,11 +115,12 @@ def _samples(samples: Sequence[Sequence[float] | np.ndarray]) -> list[np.ndarray
 
 
 def resampled_statistics(samples: Sequence[Sequence[float] | np.ndarray], *, resamples: int = RESAMPLES,
-                         seed: int = 0) -> np.ndarray:
+                         seed: int = 0, max_values: int = CHUNK_VALUES) -> np.ndarray:
     """``resamples`` bootstrap replicates of the mean over samples of each sample's mean (shape ``(resamples,)``).
 
     Each sample (one seed's per-query values) is resampled with replacement on its own; the replicate is the
-    mean of the resampled samples' means.
+    mean of the resampled samples' means. The replicates are drawn in chunks of at most ``max_values``
+    resampled values (a memory bound); the chunk size does not change them.
     """
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
@@ -127,7 +128,7 @@ def resampled_statistics(samples: Sequence[Sequence[float] | np.ndarray], *, res
     total = np.zeros(resamples)
     for values in _samples(samples):
         n = values.size
-        chunk = max(1, _CHUNK_VALUES // n)
+        chunk = max(1, max_values // n)
         for start in range(0, resamples, chunk):
             stop = min(resamples, start + chunk)
             total[start:stop] += values[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)

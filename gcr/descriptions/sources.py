@@ -1,7 +1,7 @@
 """Leakage-free target descriptions for schemes that build identifiers from text (SemCORE, SSI).
 
 A test image's ground-truth captions *are* its test queries, so an identifier built from them leaks the
-answer. ``description.source`` picks what describes an image target instead:
+answer. ``description.name`` picks what describes an image target instead:
 
 * ``generated`` -- a caption written by a captioner that never saw a val/test caption (the run's
   backbone trained to caption the train split, or a pretrained HF MLLM zero-shot). The queries are
@@ -31,7 +31,7 @@ log = logging.getLogger("gcr")
 
 def check_source(source: str) -> str:
     if source not in SOURCES:
-        raise ConfigError(f"unknown description.source={source!r}; choose one of {', '.join(SOURCES)} (description=NAME)")
+        raise ConfigError(f"unknown description.name={source!r}; choose one of {', '.join(SOURCES)} (description=NAME)")
     return source
 
 
@@ -75,7 +75,7 @@ def scored_task(cfg: Any, corpus: Corpus, direction: str) -> RetrievalTask:
     task = retrieval_task(corpus, direction)
     if d is None:
         return task
-    return evaluation_task(task, corpus, d.source, heldout_caption=int(d.heldout_caption))
+    return evaluation_task(task, corpus, d.name, heldout_caption=int(d.heldout_caption))
 
 
 def describe_targets(

@@ -22,6 +22,17 @@ from typing import Any
 import numpy as np
 
 from gcr import __version__
+from gcr.artifacts import atomic_write
+from gcr.errors import ConfigError
+from gcr.reporting.intervals import (
+    CONFIDENCE,
+    RESAMPLES,
+    metrics_from_ranks,
+    paired_difference,
+    parse_metric,
+    per_query_values,
+    percentile_interval,
+)
 
 RESULTS_VERSION = 2
 METRICS = ("R@1", "R@5", "R@10", "MRR@10")
@@ -128,8 +139,6 @@ def row_metrics_from_ranks(row: dict[str, Any], names: list[str] | None = None) 
 
     Equal to the row's ``metrics`` exactly: the evaluation computes them from the same ranks.
     """
-    from gcr.intervals import metrics_from_ranks
-
     per_query = row.get("per_query")
     if not per_query:
         raise ValueError(f"row {row.get('method')}/{row.get('direction')} has no per-query record "
@@ -140,8 +149,6 @@ def row_metrics_from_ranks(row: dict[str, Any], names: list[str] | None = None) 
 
 
 def _is_rank_metric(name: str) -> bool:
-    from gcr.intervals import parse_metric
-
     try:
         parse_metric(name)
     except ValueError:
@@ -170,12 +177,9 @@ def compute_intervals(results: dict[str, Any], reference: str | None = None, *, 
     and, for every row but the reference, ``diff``, ``diff_low``, ``diff_high`` and ``significant`` (the paired
     interval of its difference to ``reference``, which is False, "n.s.", when it contains 0). Pairs are
     the same direction, the same seed and the same query ids; queries are resampled within each seed and
-    the per-seed differences averaged (:func:`gcr.intervals.paired_difference`). A (method, direction)
+    the per-seed differences averaged (:func:`gcr.reporting.intervals.paired_difference`). A (method, direction)
     without per-query records is listed under ``missing`` with the reason; values are fractions (not %).
     """
-    from gcr.errors import ConfigError
-    from gcr.intervals import CONFIDENCE, RESAMPLES, paired_difference, per_query_values, percentile_interval
-
     confidence = CONFIDENCE if confidence is None else confidence
     resamples = RESAMPLES if resamples is None else resamples
     grouped = group_rows(results["rows"])
@@ -366,8 +370,6 @@ def save_results(results: dict[str, Any], directory: str | Path) -> Path:
     directory = Path(directory)
     if not is_main_process():
         return directory / "results.json"
-    from gcr.artifacts import atomic_write
-
     with atomic_write(directory / "results.json", "w") as fh:
         fh.write(compact_json(results) + "\n")
     with atomic_write(directory / "results.md", "w") as fh:

@@ -21,13 +21,13 @@ that is what makes one table of them a comparison.
 Output, in ``<output_dir>/bench-<name>/``: one folder per run (``LABEL-sS/``, a normal ``gcr fit`` run
 folder plus ``bench_run.json``), ``results.json`` (every row, each generative row's ``method`` renamed to
 its run label and carrying its ``seed``, a ``bench`` section and an ``intervals`` section: every row's
-95% interval and its paired difference to the reference, see :func:`gcr.results.compute_intervals`),
+95% interval and its paired difference to the reference, see :func:`gcr.reporting.results.compute_intervals`),
 ``results.md`` and ``recall_at_k.png``. ``gcr table PATH`` recomputes the tables from a stored results.json.
 The dense baseline is trained (or loaded from the cache) once per seed, before that seed's runs.
 
 With ``wandb.enabled=true`` every member is a W&B run of its own in the group ``bench-NAME`` (each
 direction of each run and seed, ``LABEL-sS/DIR``; the dense baseline, ``dense-sS/``), and the bench
-summary run (job_type ``bench``, files in ``wandb/`` of the bench folder) lists them (see gcr.tracking).
+summary run (job_type ``bench``, files in ``wandb/`` of the bench folder) lists them (see gcr.reporting.tracking).
 
 Resuming: a run folder holding a ``results.json`` whose config equals the run's resolved config (``wandb``
 aside, which does not change a result) is a finished run: its rows are reused, nothing is retrained.
@@ -47,7 +47,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gcr.config import compose, upgrade_config
+from gcr.data.sources import load_dataset
 from gcr.errors import ConfigError
+from gcr.reporting import tracking
+from gcr.reporting.plots import recall_curves
+from gcr.reporting.results import (
+    ResultRow,
+    build_results,
+    compute_intervals,
+    default_reference,
+    is_main_process,
+    print_table,
+    save_results,
+)
+from gcr.schemes import build_scheme
 
 log = logging.getLogger("gcr")
 
@@ -162,7 +176,9 @@ def load_bench(name_or_path: str, cdir: Path) -> BenchSpec:
 
 # -- planning -----------------------------------------------------------------------------------
 @dataclass
-class _Run:
+class BenchRun:
+    """One run of a bench: its label, seed, overrides and the composed, checked config (see :func:`plan`)."""
+
     label: str
     seed: int
     overrides: list[str]
@@ -173,12 +189,9 @@ class _Run:
         return Path(self.cfg.output_dir) / self.cfg.run_name
 
 
-def plan(spec: BenchSpec, base_overrides: list[str], cdir: Path) -> list[_Run]:
+def plan(spec: BenchSpec, base_overrides: list[str], cdir: Path) -> list[BenchRun]:
     """Compose and check every run's config (seed-major order); nothing is written."""
     from omegaconf import OmegaConf
-
-    from gcr.config import compose
-    from gcr.schemes import build_scheme
 
     runs = []
     for seed in spec.seeds:
@@ -192,7 +205,7 @@ def plan(spec: BenchSpec, base_overrides: list[str], cdir: Path) -> list[_Run]:
                 build_scheme(cfg.scheme.name, seed=cfg.seed, **options)  # unknown scheme options fail here
             except (ConfigError, TypeError, ValueError) as exc:
                 raise ConfigError(f"bench {spec.name!r}, run {label!r} (seed {seed}): {exc}") from None
-            runs.append(_Run(label, seed, overrides, cfg))
+            runs.append(BenchRun(label, seed, overrides, cfg))
     first = runs[0]
     for run in runs[1:]:
         for key in SHARED_KEYS:
@@ -213,10 +226,11 @@ def _container(value: Any) -> Any:
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in IGNORED_FOR_REUSE}
+    """What must match for reuse; a config stored before the key rename is read with the new keys."""
+    return {k: v for k, v in upgrade_config(config).items() if k not in IGNORED_FOR_REUSE}
 
 
-def finished_results(run: _Run) -> dict[str, Any] | None:
+def finished_results(run: BenchRun) -> dict[str, Any] | None:
     """The run folder's results if they come from a finished run of exactly this config, else None."""
     path = run.run_dir / "results.json"
     if not path.is_file():
@@ -231,8 +245,11 @@ def finished_results(run: _Run) -> dict[str, Any] | None:
     return saved if set(run.cfg.directions) <= directions else None
 
 
-def _clear_stale(run: _Run) -> None:
-    """Remove a run folder left by another config (its checkpoints must not be resumed under this one)."""
+def clear_stale(run: BenchRun) -> None:
+    """Remove a run folder left by another config (its checkpoints must not be resumed under this one).
+
+    A folder of this very config (an interrupted run) is kept: ``fit`` resumes it from ``last.ckpt``.
+    """
     from omegaconf import OmegaConf
 
     config = run.run_dir / "config.yaml"
@@ -249,7 +266,7 @@ def _clear_stale(run: _Run) -> None:
 
 
 # -- running ------------------------------------------------------------------------------------
-def _relabel(rows: list[dict[str, Any]], run: _Run) -> list[dict[str, Any]]:
+def _relabel(rows: list[dict[str, Any]], run: BenchRun) -> list[dict[str, Any]]:
     """Generative rows take the run's label (``semcore+gsv`` -> ``LABEL+gsv``); every row takes the seed."""
     scheme = str(run.cfg.scheme.name)
     out = []
@@ -272,7 +289,6 @@ def _dense_rows(cfg: Any, corpus: Any, seed: int, bench_dir: Path, label: str = 
     """
     from dataclasses import asdict
 
-    from gcr import tracking
     from gcr.dense import setup as dense_setup
 
     folder = f"dense-{label}-s{seed}" if label else f"dense-s{seed}"
@@ -284,22 +300,20 @@ def _dense_rows(cfg: Any, corpus: Any, seed: int, bench_dir: Path, label: str = 
     return [asdict(row) for row in rows]
 
 
-def _members(spec: BenchSpec, runs: list[_Run], bench_dir: Path, reused: dict[str, list[bool]]) -> list[dict[str, Any]]:
+def _members(spec: BenchSpec, runs: list[BenchRun], bench_dir: Path, reused: dict[str, list[bool]]) -> list[dict[str, Any]]:
     """Every member of the bench as its W&B run (name, id from its folder's ``wandb-run.json``, ...)."""
-    from gcr.tracking import member_record
-
     members = []
     for i, seed in enumerate(spec.seeds):
         if spec.dense:
             folder = bench_dir / f"dense-s{seed}"
-            record = member_record(folder) or {}
+            record = tracking.member_record(folder) or {}
             members.append({"name": f"{bench_dir.name}/dense-s{seed}", "id": record.get("id"),
                             "job_type": record.get("job_type"), "label": "dense", "seed": seed, "direction": None,
                             "reused": False, "folder": str(folder)})
         for run in (r for r in runs if r.seed == seed):
             for direction in run.cfg.directions:
                 folder = run.run_dir / direction
-                record = member_record(folder) or {}
+                record = tracking.member_record(folder) or {}
                 members.append({"name": f"{run.cfg.run_name}/{direction}", "id": record.get("id"),
                                 "job_type": record.get("job_type"), "label": run.label, "seed": seed,
                                 "direction": direction, "reused": reused[run.label][i], "folder": str(folder)})
@@ -308,8 +322,6 @@ def _members(spec: BenchSpec, runs: list[_Run], bench_dir: Path, reused: dict[st
 
 def _reference(spec: BenchSpec, results: dict[str, Any]) -> str:
     """The bench's reference method: ``dense`` names the dense rows whatever their type (``dense-pretrained``)."""
-    from gcr.results import default_reference
-
     methods = {r["method"] for r in results["rows"]}
     if spec.reference is None or (spec.reference == "dense" and "dense" not in methods):
         return default_reference(results)
@@ -318,15 +330,6 @@ def _reference(spec: BenchSpec, results: dict[str, Any]) -> str:
 
 def run_bench(bench_cfg: BenchSpec | Any, base_overrides: list[str], cdir: Path) -> dict[str, Any]:
     """Run (or reuse) every run of the bench for every seed; save, plot, print and return one results document."""
-    from gcr.data.sources import load_dataset
-    from gcr.results import (
-        ResultRow,
-        build_results,
-        compute_intervals,
-        is_main_process,
-        print_table,
-        save_results,
-    )
     from gcr.train.pipeline import fit
 
     spec = bench_cfg if isinstance(bench_cfg, BenchSpec) else BenchSpec.from_mapping(bench_cfg)
@@ -339,8 +342,6 @@ def run_bench(bench_cfg: BenchSpec | Any, base_overrides: list[str], cdir: Path)
     reused = {label: [False] * len(spec.seeds) for label in labels}
     rows: list[dict[str, Any]] = []
     dense_rows: list[dict[str, Any]] = []
-    from gcr.config import compose
-
     extra_dense = {(option, seed): compose([*spec.overrides, *base_overrides, f"dense={option}", f"seed={seed}"],
                                            Path(cdir))
                    for option in spec.dense_extra for seed in spec.seeds}  # checked before any work
@@ -359,7 +360,7 @@ def run_bench(bench_cfg: BenchSpec | Any, base_overrides: list[str], cdir: Path)
                 reused[run.label][i] = True
                 log.info("bench %s: reusing %s (seed %d), finished in %s", spec.name, run.label, seed, run.run_dir)
             else:
-                _clear_stale(run)
+                clear_stale(run)
                 log.info("bench %s: running %s (seed %d) -> %s", spec.name, run.label, seed, run.run_dir)
                 start = time.perf_counter()
                 saved = fit(run.cfg)
@@ -391,12 +392,8 @@ def run_bench(bench_cfg: BenchSpec | Any, base_overrides: list[str], cdir: Path)
                     missing["why"])
     if is_main_process():
         save_results(results, bench_dir)
-        from gcr.plots import recall_curves
-
         recall_curves(results, bench_dir / "recall_at_k.png")
         print_table(results, title=f"bench {spec.name}: {len(labels)} runs x {len(spec.seeds)} seed(s) -> {bench_dir}")
         if first.wandb.enabled:
-            from gcr.tracking import log_bench
-
-            log_bench(results, bench_dir, first, members=_members(spec, runs, bench_dir, reused))
+            tracking.log_bench(results, bench_dir, first, members=_members(spec, runs, bench_dir, reused))
     return results

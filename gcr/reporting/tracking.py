@@ -38,7 +38,8 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from gcr.results import aggregate, is_main_process
+from gcr.artifacts import write_json
+from gcr.reporting.results import aggregate, is_main_process
 
 TABLE_COLUMNS = ("method", "kind", "direction", "seed", "R@1", "R@5", "R@10", "MRR@10", "queries_per_s",
                  "train_seconds", "mean_id_tokens", "collision_rate")
@@ -103,7 +104,7 @@ def run_group(cfg: Any) -> str:
 
 def run_tags(cfg: Any, **fields: Any) -> list[str]:
     """``key:value`` tags: scheme, backbone, data, seed, then ``fields`` (direction, ...); a None field is left out."""
-    base = {"scheme": cfg.scheme.name, "backbone": cfg.model.name, "data": cfg.data.name, "seed": cfg.seed}
+    base = {"scheme": cfg.scheme.name, "backbone": cfg.model.name, "data": cfg.data.dataset, "seed": cfg.seed}
     tags = []
     for key, value in {**base, **fields}.items():
         for v in value if isinstance(value, list | tuple) else [value]:
@@ -165,8 +166,6 @@ class TrackedRun:
         return self.run
 
     def _record(self) -> None:
-        from gcr.artifacts import write_json
-
         run = self.run
         write_json(self.directory / RUN_RECORD, {
             "id": run.id, "name": self.name, "group": run_group(self.cfg), "project": str(self.cfg.wandb.project),
@@ -231,7 +230,7 @@ def dense_run(cfg: Any, name: str, directory: str | Path) -> TrackedRun:
     """The dense baseline's W&B run, created only if it trains (job_type train) or is scored (eval)."""
     from omegaconf import OmegaConf
 
-    dense_type = cfg.dense.get("type", "clip")
+    dense_type = cfg.dense.get("name", "clip")
     tags = run_tags(cfg, direction=list(cfg.directions), backbone=f"dense-{dense_type}", scheme="dense")
     config = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in GENERATIVE_ONLY}
     config["dense"] = {**config["dense"], "enabled": True}  # a bench member's dense.enabled=false is not this run's
@@ -276,7 +275,7 @@ def log_bench(results: dict[str, Any], directory: str | Path, cfg: Any,
               "gcr_version": results.get("gcr_version"), "git_commit": results.get("git_commit"),
               "members": members}
     schemes = sorted({str(run["scheme"]) for run in (bench.get("runs") or {}).values()})
-    tags = [f"bench:{bench.get('name')}", f"backbone:{cfg.model.name}", f"data:{cfg.data.name}",
+    tags = [f"bench:{bench.get('name')}", f"backbone:{cfg.model.name}", f"data:{cfg.data.dataset}",
             *(f"scheme:{s}" for s in schemes), *(f"seed:{s}" for s in bench.get("seeds") or [])]
     with TrackedRun(cfg, name, directory, job_type="bench", tags=tags, config=config, part="bench") as tracked:
         import wandb
