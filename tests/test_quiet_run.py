@@ -43,3 +43,23 @@ def test_a_fit_prints_stages_periodic_progress_and_the_table_only(tmp_path):
     # stdout: the results table and nothing else
     assert "shapes-hkmeans-tiny" in proc.stdout and "hkmeans" in proc.stdout and "dense" in proc.stdout
     assert "Epoch" not in proc.stdout and "Testing" not in proc.stdout
+
+
+def test_a_bench_is_as_quiet_as_a_fit(tmp_path):
+    """The bench trains its dense baselines itself, before any member run: the libraries stay quiet there too."""
+    bench = tmp_path / "quiet.yaml"
+    bench.write_text("name: quiet\nseeds: [0]\ndense: true\nruns:\n  hkmeans: [scheme=hkmeans, scheme.k=3]\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "GCR_CONFIG_DIR")}
+    env.update(GCR_PROGRESS_SECONDS="0", COLUMNS="200")
+    proc = subprocess.run(
+        [sys.executable, "-m", "gcr.cli", "bench", str(bench), f"output_dir={tmp_path / 'runs'}",
+         f"data.root={tmp_path / 'data'}", "data.num_images=30", "trainer.max_epochs=1", "dense.max_epochs=1",
+         "model.hidden_size=32", "model.num_layers=1", "decoding.num_beams=3", "directions=[t2i]"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for noise in NOISE:
+        assert noise not in proc.stderr and noise not in proc.stdout, noise
+    lines = proc.stderr.splitlines()
+    assert lines and all(line.startswith("gcr: ") for line in lines), lines
+    assert any("dense baseline: training" in line for line in lines)

@@ -331,7 +331,10 @@ def _reference(spec: BenchSpec, results: dict[str, Any]) -> str:
 def run_bench(bench_cfg: BenchSpec | Any, base_overrides: list[str], cdir: Path) -> dict[str, Any]:
     """Run (or reuse) every run of the bench for every seed; save, plot, print and return one results document."""
     from gcr.train.pipeline import fit
+    from gcr.train.quiet import silence_third_party
 
+    # before the bench's own dense baselines train (fit() does the same for each member run)
+    silence_third_party(verbose=log.isEnabledFor(logging.DEBUG))
     spec = bench_cfg if isinstance(bench_cfg, BenchSpec) else BenchSpec.from_mapping(bench_cfg)
     runs = plan(spec, list(base_overrides), Path(cdir))  # every config checked before any work
     first = runs[0].cfg
