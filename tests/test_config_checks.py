@@ -37,7 +37,7 @@ CASES = {
     "scheme=atomic rgs.enabled=true": ["rgs.enabled=true", "scheme=atomic", "scheme=ssi"],
     "model=cart scheme=hkmeans scheme.k=4 rgs.enabled=true": ["rgs.enabled=true"],
     "scheme=ssi scheme.generator=mllm model=cart": ["scheme=ssi", "model=cart"],
-    "scheme=ssi scheme.generator_path=/models/x": ["scheme.generator_path", "scheme.generator=llm"],
+    "scheme=ssi scheme.generator=llm scheme.llm_attempts=0": ["scheme.llm_attempts", ">= 1"],
     "data=feature_items data.json=a.json data.features=f model=tiny": ["model=tiny", "feature items", "model=cart"],
     "data=feature_items data.json=a.json data.features=f model=cart": ["dense=clip_tiny", "dense=pretrained"],
     "augment.caption_queries=true directions=[i2t]": ["augment.caption_queries", "t2i"],

@@ -106,9 +106,6 @@ class SsiScheme(IdentifierScheme):
                 value = getattr(self, name)
                 if value is not None and (not isinstance(value, str) or not value.strip()):
                     raise invalid(name, value, "a path (or hub name), or null")
-            if self.generator_path is not None and self.generator != "llm":
-                raise ConfigError(f"scheme.generator_path is read by scheme.generator=llm only (generator is "
-                                  f"{self.generator}); set scheme.generator=llm or drop generator_path")
 
     def __init__(self, seed: int = 0, **options: Any):
         super().__init__(seed=seed, **options)
