@@ -66,9 +66,11 @@ def summarize_cache(overrides: list[str], examples: int = 10) -> dict:
     ids = [t for t in description if t in answers]
     for n, target in enumerate(ids):
         for attempt, answer in sorted(answers[target].items()):
-            got = validate_answer(answer, scheme.fields, spellable)
+            got = validate_answer(answer, scheme.fields, spellable, description[target])
             outcome = "unusable" if got is None else "complete" if got.complete else "fields_only"
             counts[f"prompt{attempt}_{outcome}"] = counts.get(f"prompt{attempt}_{outcome}", 0) + 1
+            counts[f"prompt{attempt}_ungrounded_concepts"] = (counts.get(f"prompt{attempt}_ungrounded_concepts", 0)
+                                                               + (got.ungrounded if got else 0))
             if attempt == "0" and n % max(1, len(ids) // examples) == 0 and len(shown) < examples:
                 shown.append({"target": target, "description": description[target], "answer": answer,
                               "validated": None if got is None else {"fields": got.fields, "rationale": got.rationale},

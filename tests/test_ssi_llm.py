@@ -40,6 +40,7 @@ CAPTIONS = [
 ]
 GOOD = ("objects: diamond, triangle\naction: none\nattributes: green, big\nscene: none\n"
         "because: the green diamond and the big triangle are the whole picture.")
+GOOD_T1 = "objects: star\nattributes: small, cyan\nscene: striped background\nbecause: a small star is on the background."
 
 
 def _targets(texts=CAPTIONS):
@@ -84,6 +85,13 @@ def test_the_validator_keeps_known_fields_spellable_short_concepts_only():
     assert len("a dog that runs across the big green park".split()) > MAX_CONCEPT_WORDS
 
 
+def test_a_text_only_writer_may_only_name_what_its_description_says():
+    answer = validate_answer("objects: square, star, blue star\naction: sits\nbecause: it is a star.", ROLES,
+                             source="a small star sitting on a striped background")
+    assert answer.fields == {"objects": ["star", "blue star"], "action": ["sits"]} and answer.ungrounded == 1
+    assert validate_answer("objects: square", ROLES, source="a small star") is None
+
+
 @pytest.mark.parametrize("text", ["", "I cannot help with that.", "objects: none\nscene: the", "mood: calm",
                                   "because: the dog runs in the park"])
 def test_an_answer_without_a_valid_field_is_unusable(text):
@@ -100,10 +108,12 @@ def scripted(calls):
         strict = "exactly these lines" in prompts[0][0]["content"]
         out = []
         for t in targets:
-            if t.target_id == "t0" or (t.target_id == "t1" and strict):
+            if t.target_id == "t0":
                 out.append(GOOD)
+            elif t.target_id == "t1" and strict:
+                out.append(GOOD_T1)
             elif t.target_id == "t2":
-                out.append("objects: star\nattributes: red")
+                out.append("objects: crosses, diamond\nattributes: red")  # no diamond in its description
             else:
                 out.append("I am a language model.")
         return out
@@ -123,12 +133,15 @@ def test_unusable_answers_are_retried_then_fall_back_to_the_parser_and_are_count
         {"llm_first_try": 1, "llm_after_retry": 1, "llm_fields_only": 1, "llm_fallback": 1}
     assert stats["rationale_template"] == 2 and stats["generator"] == "llm"
     assert stats["reads"] == "description text" and "SmolLM2-135M-Instruct" in stats["generator_model"]
-    assert len(set(ids)) == 4 and ids[0].startswith("objects : diamond , triangle | attributes : big , green")
-    assert ids[2] == "objects : star | attributes : red"
+    assert ids[0] == "objects : diamond , triangle | attributes : big , green"
+    assert ids[1] == "objects : star | attributes : cyan , small | scene : striped background"
+    assert ids[2] == "objects : crosses | attributes : red"
+    assert stats["llm_ungrounded_concepts"] == 1
     assert "circle" in ids[3] and "star" in ids[3]  # the parser read t3's description
     rationales = scheme.rationales()
-    assert rationales[0] == rationales[1] == "the green diamond and the big triangle are the whole picture"
-    assert rationales[2] == "it shows star that is red"  # templated from the fields, counted above
+    assert rationales[0] == "the green diamond and the big triangle are the whole picture"
+    assert rationales[1] == "a small star is on the background"
+    assert rationales[2] == "it shows crosses that is red"  # templated from the fields, counted above
     assert "fell back to the parser" in caplog.text and "1 fell back" in caplog.text
 
 

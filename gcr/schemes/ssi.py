@@ -159,12 +159,11 @@ class SsiScheme(IdentifierScheme):
         as fallback."""
         if self.generator == "parser":
             return [(fields, None) for fields in self._extractor.extract(descriptions)]
-        validate = lambda answer: validate_answer(answer, self.fields, self.spellable)  # noqa: E731
         start = time.perf_counter()
         if self.generator == "llm":
-            outcome = self._ask_llm(targets, descriptions, validate)
+            outcome = self._ask_llm(targets, descriptions)
         else:
-            outcome = self._ask_mllm(targets, descriptions, validate)
+            outcome = self._ask_mllm(targets, descriptions)
         prefix = self.generator
         counts = outcome.counts(prefix)
         pending = [i for i, answer in enumerate(outcome.answers) if answer is None]
@@ -172,6 +171,7 @@ class SsiScheme(IdentifierScheme):
         out: list[Generated] = [(a.fields, a.rationale) if a is not None else (fallback[i], None)
                                 for i, a in enumerate(outcome.answers)]
         self._stats.update(counts)
+        self._stats[f"{prefix}_ungrounded_concepts"] = sum(a.ungrounded for a in outcome.answers if a is not None)
         self._stats["rationale_template"] = counts[f"{prefix}_fields_only"] + counts[f"{prefix}_fallback"]
         self._stats[f"{prefix}_seconds"] = round(time.perf_counter() - start, 2)
         log.info("ssi: %s wrote %d of %d identifiers at the first prompt, %d after a retry, %d without a "
@@ -183,7 +183,7 @@ class SsiScheme(IdentifierScheme):
                         "parser", len(pending), len(targets), prefix, self.llm_attempts)
         return out
 
-    def _ask_mllm(self, targets, descriptions, validate):
+    def _ask_mllm(self, targets, descriptions):
         if self.answerer is None:
             raise ConfigError("ssi.generator=mllm needs an MLLM backbone that writes text (model=smol|hf); "
                               "or use scheme.generator=llm, which brings its own model")
@@ -195,6 +195,7 @@ class SsiScheme(IdentifierScheme):
                        for i in pending]
             return self.answerer([targets[i] for i in pending], prompts)
 
+        validate = lambda i, answer: validate_answer(answer, self.fields, self.spellable)  # noqa: E731 (sees the image)
         return answer_with_retries(len(targets), ask, validate, self.llm_attempts)
 
     def writer(self) -> Any:
@@ -206,9 +207,10 @@ class SsiScheme(IdentifierScheme):
                                        max_new_tokens=self.llm_max_new_tokens, device=self.llm_device)
         return self._writer
 
-    def _ask_llm(self, targets, descriptions, validate):
+    def _ask_llm(self, targets, descriptions):
         writer = self.writer()
         reads_images = writer.kind == "image-text-to-text"
+        self._stats["grounded"] = not reads_images
         self._stats.update({"generator_model": writer.name, "reads": writer.reads})
         ids = [t.target_id for t in targets]
         images = [t.content.value if reads_images and t.content.modality == "image" else None for t in targets]
@@ -221,6 +223,9 @@ class SsiScheme(IdentifierScheme):
         def ask(attempt: int, pending: list[int]) -> list[str]:
             prompts = [field_prompt(descriptions[i], self.fields, strict=attempt > 0) for i in pending]
             return cache.ask(answerer, attempt, [ids[i] for i in pending], [targets[i] for i in pending], prompts)
+
+        def validate(i: int, answer: str):  # a text-only writer may only name what its description says
+            return validate_answer(answer, self.fields, self.spellable, None if reads_images else descriptions[i])
 
         outcome = answer_with_retries(len(targets), ask, validate, self.llm_attempts)
         self._stats.update({"llm_generated": cache.generated, "llm_cached": cache.reused})

@@ -70,6 +70,8 @@ class FieldAnswer:
 
     fields: dict[str, list[str]]
     rationale: str | None = None
+    #: concepts dropped because no word of them is in the description (``source`` given)
+    ungrounded: int = 0
 
     @property
     def complete(self) -> bool:
@@ -156,21 +158,38 @@ def _sentence(text: str, spellable: Spellable) -> str | None:
     return " ".join(words[:MAX_RATIONALE_WORDS])
 
 
-def validate_answer(answer: str, fields: Sequence[str], spellable: Spellable = lambda w: True) -> FieldAnswer | None:
+def _stem(word: str) -> str:
+    """A crude stem, so that "leaps", "leaping" and "leap" meet (grounding only, not identifiers)."""
+    for suffix in ("ing", "ies", "es", "ed", "s"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            stem = word[: -len(suffix)]
+            return stem[:-1] if suffix in ("ing", "ed") and stem[-1] == stem[-2] else stem  # sitting -> sit
+    return word
+
+
+def validate_answer(answer: str, fields: Sequence[str], spellable: Spellable = lambda w: True,
+                    source: str | None = None) -> FieldAnswer | None:
     """The fields and rationale of ``answer``, or ``None`` when it fills no field with a valid concept.
 
     A valid concept has 1 to :data:`MAX_CONCEPT_WORDS` alphabetic words, keeps the words ``spellable``
     accepts, and is not only function words or a placeholder (``none``, ``<concepts>``). Names that are not
-    one of ``fields`` (or an alias of one) are ignored; a concept named twice is kept once.
+    one of ``fields`` (or an alias of one) are ignored; a concept named twice is kept once. With ``source``
+    (the text the model read, for a model that reads nothing else), a concept none of whose words occurs in
+    it is a hallucination -- a small model copies the worked examples -- and is dropped (counted).
     """
     parsed = parse_fields(answer, list(fields))
     if parsed is None:
         return None
+    grounds = {_stem(w) for w in words_of(source)} if source is not None else None
     out: dict[str, list[str]] = {}
+    ungrounded = 0
     for name in fields:
         kept = []
         for concept in parsed.get(name, []):
             concept = _concept(concept, spellable)
+            if concept and grounds is not None and not any(_stem(w) in grounds for w in concept.split()):
+                ungrounded += 1
+                continue
             if concept and concept not in kept and concept not in fields:
                 kept.append(concept)
         if kept:
@@ -178,19 +197,19 @@ def validate_answer(answer: str, fields: Sequence[str], spellable: Spellable = l
     if not out:
         return None
     rationale = parsed.get("rationale", [""])[0]
-    return FieldAnswer(out, _sentence(rationale, spellable) if rationale else None)
+    return FieldAnswer(out, _sentence(rationale, spellable) if rationale else None, ungrounded)
 
 
 def answer_with_retries(
     count: int,
     ask: Callable[[int, list[int]], list[str]],
-    validate: Callable[[str], FieldAnswer | None],
+    validate: Callable[[int, str], FieldAnswer | None],
     attempts: int,
 ) -> Outcome:
     """Ask for every target, then re-ask those whose answer is not complete, ``attempts`` times in all.
 
     ``ask(attempt, indices) -> answers`` (one per index; attempt 0 is the first prompt, later ones the
-    stricter retry). A complete answer (fields and rationale) is kept at once; an answer with fields but no
+    stricter retry); ``validate(index, answer)`` reads one. A complete answer (fields and rationale) is kept at once; an answer with fields but no
     rationale is kept only if no later attempt completes it. Targets without any usable answer get ``None``.
     """
     outcome = Outcome([None] * count, [None] * count, [[] for _ in range(count)])
@@ -204,7 +223,7 @@ def answer_with_retries(
         still = []
         for i, text in zip(pending, answers):
             outcome.raw[i].append(text)
-            parsed = validate(text)
+            parsed = validate(i, text)
             if parsed is not None and (outcome.answers[i] is None or parsed.complete):
                 outcome.answers[i], outcome.attempt[i] = parsed, attempt
             if parsed is None or not parsed.complete:
