@@ -358,3 +358,27 @@ def test_the_packaged_smollm2_writes_parseable_identifiers(tmp_path):
     stats = scheme.stats()
     assert stats["llm_first_try"] + stats["llm_after_retry"] + stats["llm_fields_only"] >= 3
     assert any("diamond" in i for i in ids) and any("star" in i for i in ids)
+
+
+@pytest.mark.integration
+def test_a_fit_with_the_llm_writer_records_it_and_trains_on_its_rationales(tmp_path):
+    """``gcr fit`` end to end: a tiny text-writing retriever (RGS on), the identifiers from a separate tiny
+    causal LM given by path; the results say who wrote them, and RGS trains on the writer's rationales."""
+    from gcr.config import compose, config_dir
+    from gcr.train.pipeline import fit
+
+    path = _write_tiny_llama(tmp_path / "writer")
+    cfg = compose([f"output_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}", "data.num_images=20",
+                   "scheme=ssi", "scheme.generator=llm", f"scheme.generator_path={path}", "scheme.llm_max_new_tokens=12",
+                   "rgs.enabled=true", "description=heldout", "directions=[t2i]", "dense.enabled=false",
+                   "model.vision_init=random", "model.hidden_size=64", "model.num_layers=1", "trainer.max_epochs=1",
+                   "decoding.num_beams=3"], config_dir())
+    (row,) = fit(cfg)["rows"]
+    stats = row["index"]
+    assert stats["generator"] == "llm" and stats["generator_model"] == str(path)
+    assert stats["reads"] == "description text" and stats["grounded"] is True
+    assert sum(stats[f"llm_{k}"] for k in ("first_try", "after_retry", "fields_only", "fallback")) == 20
+    run = Path(cfg.output_dir) / cfg.run_name / "t2i"
+    rationales = json.loads((run / "rationales.json").read_text())
+    assert len(rationales) == 20 and all(rationales.values())
+    assert list(Path(cfg.cache_dir).glob("ssi-answers-*.json"))  # the answers were cached under cache_dir
