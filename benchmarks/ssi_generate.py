@@ -44,39 +44,39 @@ def main(overrides: list[str]) -> dict:
 
 
 def summarize_cache(overrides: list[str], examples: int = 10) -> dict:
-    """What an unfinished (or finished) run has written so far: every cached answer validated as ``fit``
-    validates it, counted per prompt, with examples beside the parser's fields for the same description."""
-    from gcr.schemes.helpers.concepts import build_extractor
-    from gcr.schemes.helpers.llm_fields import validate_answer
-    from gcr.schemes.helpers.words import tokenizer_spelling
+    """What an unfinished (or finished) run has written so far: the targets with a cached first answer get their
+    identifiers exactly as ``fit`` builds them from those answers (one attempt, so an unusable first answer falls
+    back to the parser), beside the parser's identifiers for the same targets, with examples."""
+    from gcr.schemes import build_scheme
 
     cfg = compose(["model=compact", "scheme=ssi", "scheme.generator=llm", "directions=[t2i]", *overrides], config_dir())
     corpus = load_dataset(cfg.data)
     task = _described(cfg, corpus, scored_task(cfg, corpus, "t2i"), None)
-    scheme = build_checked_scheme(cfg)
-    texts = [c.text for c in corpus.captions("train")]
-    spellable = tokenizer_spelling(train_corpus_tokenizer(texts, int(cfg.model.vocab_size),
-                                                          reserved_words=scheme.reserved_words()))
     (path,) = Path(cfg.cache_dir).glob("ssi-answers-*.json")
     answers = json.loads(path.read_text())["answers"]
-    description = {t.target_id: t.text for t in task.targets}
-    parser = build_extractor(scheme.parser, list(description.values()))
-    counts: dict[str, int] = {}
-    shown = []
-    ids = [t for t in description if t in answers]
-    for n, target in enumerate(ids):
-        for attempt, answer in sorted(answers[target].items()):
-            got = validate_answer(answer, scheme.fields, spellable, description[target])
-            outcome = "unusable" if got is None else "complete" if got.complete else "fields_only"
-            counts[f"prompt{attempt}_{outcome}"] = counts.get(f"prompt{attempt}_{outcome}", 0) + 1
-            counts[f"prompt{attempt}_ungrounded_concepts"] = (counts.get(f"prompt{attempt}_ungrounded_concepts", 0)
-                                                               + (got.ungrounded if got else 0))
-            if attempt == "0" and n % max(1, len(ids) // examples) == 0 and len(shown) < examples:
-                shown.append({"target": target, "description": description[target], "answer": answer,
-                              "validated": None if got is None else {"fields": got.fields, "rationale": got.rationale},
-                              "parser": parser.extract([description[target]])[0]})
-    return {"cache": str(path), "targets": len(description), "answered": len(ids), "counts": counts,
-            "examples": shown}
+    targets = [t for t in task.targets if "0" in answers.get(t.target_id, {})]
+    texts = [c.text for c in corpus.captions("train")]
+    out: dict = {"cache": str(path), "targets": len(task.targets), "answered": len(targets)}
+    built = {}
+    for generator in ("llm", "parser"):
+        scheme = build_scheme("ssi", generator=generator, parser=cfg.scheme.parser, llm_attempts=1)
+        scheme.bind_tokenizer(train_corpus_tokenizer(texts, int(cfg.model.vocab_size),
+                                                     reserved_words=scheme.reserved_words()))
+        scheme.answerer = lambda batch, prompts: [answers[t.target_id]["0"] for t in batch]
+        ids = scheme.fit(targets)
+        stats = {k: v for k, v in scheme.stats().items() if k != "llm_seconds"}
+        tokens = [len(i.split()) for i in ids]
+        out[generator] = {"unique": len(set(ids)), "mean_words": round(sum(tokens) / max(1, len(tokens)), 1),
+                          "stats": stats}
+        built[generator] = (ids, scheme.rationales())
+    step = max(1, len(targets) // examples)
+    out["examples"] = [
+        {"target": t.target_id, "description": t.text, "answer": answers[t.target_id]["0"],
+         "llm_identifier": built["llm"][0][n], "llm_rationale": built["llm"][1][n],
+         "parser_identifier": built["parser"][0][n], "parser_rationale": built["parser"][1][n]}
+        for n, t in list(enumerate(targets))[::step][:examples]
+    ]
+    return out
 
 
 if __name__ == "__main__":
