@@ -21,6 +21,7 @@ from gcr.config_checks import build_checked_scheme
 from gcr.data.sources import load_dataset
 from gcr.descriptions import scored_task
 from gcr.models.tokenizer import train_corpus_tokenizer
+from gcr.schemes.base import SchemeContext
 from gcr.train.pipeline import _described
 
 
@@ -30,7 +31,8 @@ def main(overrides: list[str]) -> dict:
     task = _described(cfg, corpus, scored_task(cfg, corpus, "t2i"), None)
     scheme = build_checked_scheme(cfg)
     texts = [c.text for c in corpus.captions("train")]
-    scheme.bind_tokenizer(train_corpus_tokenizer(texts, int(cfg.model.vocab_size), reserved_words=scheme.reserved_words()))
+    tokenizer = train_corpus_tokenizer(texts, int(cfg.model.vocab_size), reserved_words=scheme.reserved_words())
+    scheme.prepare(SchemeContext(tokenizer=tokenizer, cache_dir=str(cfg.cache_dir)))  # as the pipeline does
     start = time.perf_counter()
     ids = scheme.fit(task.targets)
     seconds = time.perf_counter() - start

@@ -178,6 +178,17 @@ def test_answers_are_cached_and_reused(tmp_path):
     assert calls and len(list(tmp_path.glob("ssi-answers-*.json"))) == 2
 
 
+def test_the_run_cache_dir_comes_from_the_scheme_context(tmp_path):
+    from gcr.schemes.base import SchemeContext
+
+    scheme = build_scheme("ssi", generator="llm", parser="lexicon")
+    scheme.prepare(SchemeContext(tokenizer=train_corpus_tokenizer(CAPTIONS, 500, reserved_words=[*ROLES, *TEMPLATE_WORDS]),
+                                 cache_dir=str(tmp_path / "run-cache")))
+    scheme.answerer = scripted([])
+    scheme.fit(_targets())
+    assert scheme.stats()["llm_cache"].startswith(str(tmp_path / "run-cache"))
+
+
 def test_the_cache_key_follows_the_prompt_options(tmp_path):
     calls = []
     for attempts in (1, 2):

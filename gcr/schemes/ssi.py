@@ -77,6 +77,7 @@ class SsiScheme(IdentifierScheme):
         super().prepare(context)
         if self.options.generator == "mllm":
             self.answerer = context.generator
+        self._cache_dir = self.llm_cache_dir or context.cache_dir
 
     @dataclass
     class Options(SchemeOptions):
@@ -89,7 +90,7 @@ class SsiScheme(IdentifierScheme):
         llm_batch_size: int = option(16, ge=1, doc="generator=llm: prompts per generate() call")
         llm_max_new_tokens: int = option(80, ge=8, doc="generator=llm: longest answer, in tokens")
         llm_device: str = "auto"
-        llm_cache_dir: Any = option(None, doc="generator=llm: where answers are cached; null: not cached")
+        llm_cache_dir: Any = option(None, doc="generator=llm: where answers are cached; null: the run's cache_dir")
         field_separator: str = "|"
 
         def check(self) -> None:
@@ -114,6 +115,7 @@ class SsiScheme(IdentifierScheme):
         #: loaded on first use); tests may set it to a scripted function at this same seam.
         self.answerer: Answerer | None = None
         self._writer: Any = None
+        self._cache_dir: str | None = self.llm_cache_dir  # prepare() adds the run's cache_dir when unset
         self._extractor: Any = None
         self._df: Counter = Counter()
         self._num_fitted = 0
@@ -217,7 +219,7 @@ class SsiScheme(IdentifierScheme):
         attempts = range(self.llm_attempts)
         spec = {"writer": writer.signature(), "fields": list(self.fields),
                 "prompts": [field_prompt("{description}", self.fields, strict=a > 0) for a in attempts]}
-        cache = AnswerCache(self.llm_cache_dir, targets_fingerprint(ids, descriptions, images), answers_key(spec), spec)
+        cache = AnswerCache(self._cache_dir, targets_fingerprint(ids, descriptions, images), answers_key(spec), spec)
         answerer = self.answerer or writer
 
         def ask(attempt: int, pending: list[int]) -> list[str]:
