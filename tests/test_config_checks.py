@@ -37,6 +37,7 @@ CASES = {
     "scheme=atomic rgs.enabled=true": ["rgs.enabled=true", "scheme=atomic", "scheme=ssi"],
     "model=cart scheme=hkmeans scheme.k=4 rgs.enabled=true": ["rgs.enabled=true"],
     "scheme=ssi scheme.generator=mllm model=cart": ["scheme=ssi", "model=cart"],
+    "scheme=ssi scheme.generator=llm scheme.llm_attempts=0": ["scheme.llm_attempts", ">= 1"],
     "data=feature_items data.json=a.json data.features=f model=tiny": ["model=tiny", "feature items", "model=cart"],
     "data=feature_items data.json=a.json data.features=f model=cart": ["dense=clip_tiny", "dense=pretrained"],
     "augment.pseudo_queries=2 directions=[i2t]": ["augment.pseudo_queries", "t2i"],
@@ -67,6 +68,7 @@ def test_refused_at_compose_with_key_and_fix(args, capsys, tmp_path):
     "model=cart scheme=hkmeans",  # the compact CART decoder with numeric IDs
     "dense=pretrained model.vision_init=random",
     "scheme=ssi rgs.enabled=true",
+    "scheme=ssi scheme.generator=llm model=compact",  # the identifier writer is a model of its own
     "trainer.limit_train_batches=5",  # an int where the default is a float
     "data=feature_items data.json=a.json data.features=f model=cart dense=pretrained",
 ])

@@ -38,12 +38,15 @@ class SchemeContext:
     - ``tokenizer``: the backbone's tokenizer (the backbone owns it; identifiers must tokenize under it);
     - ``features``: the targets' feature vectors (``requirements.features``), float32 ``(N, D)``, else ``None``;
     - ``generator``: ``(targets, prompts) -> answers``, a model that writes text
-      (``requirements.text_generator``), else ``None``.
+      (``requirements.text_generator``), else ``None``;
+    - ``cache_dir``: the run's cache folder (``cache_dir``), for what a scheme computes at length (e.g. the
+      answers of ``ssi``'s own identifier writer), else ``None``.
     """
 
     tokenizer: Any
     features: np.ndarray | None = None
     generator: Callable[[Sequence[Target], Sequence[str]], list[str]] | None = None
+    cache_dir: str | None = None
 
 
 class IdentifierScheme(ABC):

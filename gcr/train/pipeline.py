@@ -146,7 +146,8 @@ def _fit_direction(cfg: DictConfig, corpus: Corpus, direction: str, dense, out_d
         from gcr.heads.rationales import mllm_answerer
 
         generator = mllm_answerer(backbone, batch_size=int(cfg.eval.batch_size))
-    scheme.prepare(SchemeContext(tokenizer=backbone.tokenizer, features=features, generator=generator))
+    scheme.prepare(SchemeContext(tokenizer=backbone.tokenizer, features=features, generator=generator,
+                                 cache_dir=str(cfg.cache_dir)))
     index, index_seconds = _build_index(cfg, corpus, scheme, task, features)
     backbone.add_identifier_tokens(scheme.new_tokens())
     for group in scheme.token_vectors().values():  # e.g. CART: tokens start at their codebook vectors
