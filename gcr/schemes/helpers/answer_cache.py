@@ -2,7 +2,7 @@
 
 Writing identifiers with a language model costs minutes to hours, so its raw answers are kept on disk, in
 ``<cache_dir>/ssi-answers-<targets fingerprint>-<key>.json``, like the caption cache
-(:mod:`gcr.captioning`):
+(:mod:`gcr.descriptions.cache`):
 
 * **keyed** by what the answers came from: the targets (:func:`targets_fingerprint`: ids, descriptions and,
   when the writer reads images, each image file's path, size and mtime) and :func:`answers_key` (the writer's
