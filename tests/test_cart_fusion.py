@@ -65,16 +65,21 @@ def token_ids(backbone, identifier: str) -> list[int]:
     return [*ids, backbone.tokenizer.eos_token_id]
 
 
+def centroids_of(fitted) -> np.ndarray:
+    """The fitted K-Means centroids, read through the scheme's public state."""
+    return np.asarray(fitted.state_dict()["centroids"], dtype=np.float32)
+
+
 def expected_codes(backbone, scheme, prefix: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """What the prefix means, straight from the scheme: its coarse token's centroid, its fine codes' codebook sum."""
     fitted, _ = scheme
     tokens = backbone.tokenizer.convert_ids_to_tokens(prefix)
     books = fitted.codebooks()
-    coarse = np.zeros(fitted._centroids.shape[1], dtype=np.float32)
+    coarse = np.zeros(centroids_of(fitted).shape[1], dtype=np.float32)
     fine = np.zeros(books.shape[-1], dtype=np.float32)
     for token in tokens:
         if token.startswith("<a_"):
-            coarse += fitted._centroids[int(token[3:-1])]
+            coarse += centroids_of(fitted)[int(token[3:-1])]
         elif token.startswith("<b"):
             level, code = token[2:-1].split("_")
             fine += books[int(level), int(code)]
@@ -97,7 +102,7 @@ def test_scheme_code_vectors_are_its_centroids_and_codebook_rows(scheme):
     vectors = fitted.code_vectors()
     assert [len(level) for level in vectors["coarse"]] == [4]
     assert [len(level) for level in vectors["fine"]] == [6, 6]
-    np.testing.assert_array_equal(vectors["coarse"][0]["<a_2>"], fitted._centroids[2])
+    np.testing.assert_array_equal(vectors["coarse"][0]["<a_2>"], centroids_of(fitted)[2])
     np.testing.assert_array_equal(vectors["fine"][1]["<b1_3>"], fitted.codebooks()[1, 3])
     assert fitted.requirements.code_vectors
     assert CartScheme(coarse=False).requirements.code_vectors  # declared, so the config checks read it
@@ -127,7 +132,7 @@ def test_teacher_forced_fusion_receives_the_prefix_codes_at_every_position(corpu
     # the first position (nothing decoded) carries no code; after the coarse token, exactly its centroid
     assert not coarse[0, 0].any() and not fine[0, 0].any()
     first = backbone.tokenizer.convert_ids_to_tokens(targets[0][:1])[0]
-    np.testing.assert_allclose(coarse[0, 1].numpy(), fitted._centroids[int(first[3:-1])], rtol=1e-6)
+    np.testing.assert_allclose(coarse[0, 1].numpy(), centroids_of(fitted)[int(first[3:-1])], rtol=1e-6)
     for other in seen[1:]:  # every layer is given the same codes
         assert all(torch.equal(a, b) for a, b in zip(other, seen[0]))
 
