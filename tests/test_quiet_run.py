@@ -19,14 +19,20 @@ NOISE = ("GPU available", "TPU available", "Tip:", "litlogger", "weights_only", 
          "Traceback", "Warning", "warn(")
 
 
-def test_a_fit_prints_stages_periodic_progress_and_the_table_only(tmp_path):
+def run_gcr(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """``gcr ARGS`` in a real subprocess writing to pipes (as a CI log or ``nohup`` file), a progress line per batch."""
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "GCR_CONFIG_DIR")}
-    env.update(GCR_PROGRESS_SECONDS="0", COLUMNS="200")  # a progress line at every batch
-    proc = subprocess.run(
-        [sys.executable, "-m", "gcr.cli", "fit", f"output_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}",
-         "data.num_images=30", "trainer.max_epochs=2", "dense.max_epochs=1", "model.hidden_size=32",
-         "model.num_layers=1", "decoding.num_beams=3", "scheme=hkmeans", "scheme.k=3"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    env.update(GCR_PROGRESS_SECONDS="0", COLUMNS="200")
+    return subprocess.run([sys.executable, "-m", "gcr.cli", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+
+def test_a_fit_prints_stages_periodic_progress_and_the_table_only(tmp_path):
+    proc = run_gcr(
+        tmp_path, "fit", f"output_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}",
+        "data.num_images=30", "trainer.max_epochs=2", "dense.max_epochs=1", "model.hidden_size=32",
+        "model.num_layers=1", "decoding.num_beams=3", "scheme=hkmeans", "scheme.k=3",
     )
     assert proc.returncode == 0, proc.stderr
     for noise in NOISE:
@@ -49,13 +55,10 @@ def test_a_bench_is_as_quiet_as_a_fit(tmp_path):
     """The bench trains its dense baselines itself, before any member run: the libraries stay quiet there too."""
     bench = tmp_path / "quiet.yaml"
     bench.write_text("name: quiet\nseeds: [0]\ndense: true\nruns:\n  hkmeans: [scheme=hkmeans, scheme.k=3]\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("CI", "GCR_CONFIG_DIR")}
-    env.update(GCR_PROGRESS_SECONDS="0", COLUMNS="200")
-    proc = subprocess.run(
-        [sys.executable, "-m", "gcr.cli", "bench", str(bench), f"output_dir={tmp_path / 'runs'}",
-         f"data.root={tmp_path / 'data'}", "data.num_images=30", "trainer.max_epochs=1", "dense.max_epochs=1",
-         "model.hidden_size=32", "model.num_layers=1", "decoding.num_beams=3", "directions=[t2i]"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    proc = run_gcr(
+        tmp_path, "bench", str(bench), f"output_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}",
+        "data.num_images=30", "trainer.max_epochs=1", "dense.max_epochs=1", "model.hidden_size=32",
+        "model.num_layers=1", "decoding.num_beams=3", "directions=[t2i]",
     )
     assert proc.returncode == 0, proc.stderr
     for noise in NOISE:
