@@ -120,6 +120,23 @@ def test_aligned_memory_is_read_through_one_projection_for_every_modality(corpus
     assert set(backbone.model.proj) == {"shared"}
 
 
+def test_center_modalities_subtracts_each_modalitys_train_mean_and_is_saved(corpus, dense, tmp_path):
+    backbone = make(corpus, dense, center_modalities=True).eval()
+    train = corpus.split("train")
+    text_mean = dense.encode_text([c.text for c in corpus.captions("train")]).mean(0)
+    image_mean = dense.encode_images([str(im.path) for im in train]).mean(0)
+    assert torch.allclose(backbone.model.mean_text, text_mean, atol=1e-5)
+    assert torch.allclose(backbone.model.mean_image, image_mean, atol=1e-5)
+    # what the decoder reads is the centred vector: an image whose encoding is its modality's mean reads as zero
+    zero = backbone.model.project("image", image_mean[None, None, :])
+    plain = make(corpus, dense).eval().model.project("image", torch.zeros(1, 1, image_mean.shape[0]))
+    assert torch.allclose(zero, plain, atol=1e-5)
+    backbone.save(tmp_path / "b")
+    loaded = CompactBackbone.from_pretrained(tmp_path / "b", cache=EncodingCache())
+    assert torch.equal(loaded.model.mean_image, backbone.model.mean_image)
+    assert not make(corpus, dense).model.centered and not hasattr(make(corpus, dense).model, "mean_text")
+
+
 def test_aligned_encoder_without_a_dense_baseline_is_refused(corpus):
     with pytest.raises(ConfigError, match="dense baseline"):
         CompactBackbone.create(corpus, dense=None, cache=EncodingCache(), **SMALL)

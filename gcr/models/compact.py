@@ -57,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "dropout": 0.1,
     "fusion": "last",
     "rdrop_weight": 0.0,
+    "center_modalities": False,
     "vocab_size": 1000,
     "max_text_tokens": 48,
     "max_id_tokens": 64,
@@ -103,10 +104,16 @@ class CompactNetwork(nn.Module):
 
     def __init__(self, vocab_size: int, *, widths: dict[str, list[int]], num_memory_layers: int, shared: bool,
                  positions: dict[str, int], decoder: str, d_model: int, num_layers: int, num_heads: int,
-                 ffn_dim: int, dropout: float, fusion: str, max_id_tokens: int):
+                 ffn_dim: int, dropout: float, fusion: str, max_id_tokens: int, center_modalities: bool = False):
         super().__init__()
         self.num_memory_layers, self.shared, self.decoder = num_memory_layers, shared, decoder
         self.widths = {m: [int(w) for w in ws] for m, ws in widths.items()}
+        # center_modalities: each modality's train-split mean encoding, subtracted before the projection (saved
+        # with the weights; set by CompactBackbone.center_modalities)
+        self.centered = bool(center_modalities)
+        for m, ws in self.widths.items():
+            if self.centered:
+                self.register_buffer(f"mean_{m}", torch.zeros(sum(ws) if len(ws) > 1 else ws[0]))
         groups = {"shared": next(iter(self.widths.values()))} if shared else self.widths
         self.proj = nn.ModuleDict({
             m: nn.ModuleList(nn.Sequential(nn.LayerNorm(w), nn.Linear(w, d_model)) for w in ws) for m, ws in groups.items()
@@ -139,6 +146,8 @@ class CompactNetwork(nn.Module):
             raise ConfigError(f"this compact model was built without a {modality!r} projection")
         projections = self.proj["shared" if self.shared else modality]
         rows = rows.float()
+        if self.centered:
+            rows = rows - getattr(self, f"mean_{modality}")
         parts = rows.split(widths, dim=-1) if len(widths) > 1 else [rows] * len(projections)
         out = torch.stack([proj(x) for proj, x in zip(projections, parts)], dim=1)
         if modality in self.pos_memory:
@@ -202,6 +211,7 @@ class CompactBackbone(CartBackbone):
                 positions=dict(encoder.positions), decoder=str(opts["decoder"]), d_model=int(opts["d_model"]),
                 num_layers=int(opts["num_layers"]), num_heads=int(opts["num_heads"]), ffn_dim=int(opts["ffn_dim"]),
                 dropout=float(opts["dropout"]), fusion=str(opts["fusion"]), max_id_tokens=int(opts["max_id_tokens"]),
+                center_modalities=bool(opts["center_modalities"]),
             )
         GenerativeBackbone.__init__(self, network, tokenizer, max_text_tokens=int(opts["max_text_tokens"]))
         self.opts = opts
@@ -248,7 +258,35 @@ class CompactBackbone(CartBackbone):
             str(opts["encoder"]), dense=dense, image_size=int(opts["image_size"]), image_grid=int(opts["image_grid"]),
             max_text_tokens=int(opts["max_text_tokens"]), feature_dim=int(opts["feature_dim"]),
         )
-        return cls(tokenizer, encoder, cache=cache, **options)
+        backbone = cls(tokenizer, encoder, cache=cache, **options)
+        if bool(opts["center_modalities"]) and corpus is not None:
+            backbone.center_modalities(corpus)
+        return backbone
+
+    @torch.no_grad()
+    def center_modalities(self, corpus: Corpus) -> dict[str, float]:
+        """Set each modality's mean encoding over the train split (``model.center_modalities=true``).
+
+        A contrastive space keeps its text and image embeddings in two separate cones (the *modality gap*), so a
+        decoder that learned a test image's identifier from the image alone reads its captions from elsewhere.
+        Subtracting each modality's mean moves both cones onto one centre (Liang et al., 2022). Returns the gap
+        ``|mean_text - mean_image|`` before centering (0 when only one modality is present).
+        """
+        if not self.model.centered:
+            raise ConfigError("this compact model was built without model.center_modalities=true")
+        train = corpus.split("train")
+        contents = {"text": [Content.text(c.text) for c in corpus.captions("train")],
+                    "image": [im.content() for im in train if im.modality == "image"],
+                    "feature": [im.content() for im in train if im.modality not in ("image",)]}
+        means = {}
+        for modality, items in contents.items():
+            if items and modality in self.model.widths:
+                rows = torch.stack([r.float().mean(0) for r in self.cache.get(self.query_encoder, items)])
+                means[modality] = rows.mean(0)
+                getattr(self.model, f"mean_{modality}").copy_(means[modality])
+        if "text" in means and "image" in means:
+            return {"gap": float((means["text"] - means["image"]).norm())}
+        return {"gap": 0.0}
 
     def options(self) -> dict[str, Any]:
         return dict(self.opts)
