@@ -6,6 +6,7 @@
     gcr bench NAME [key=value ...]     every run of configs/bench/NAME.yaml (or a YAML path), every seed:
                                        one table (mean ± std over seeds), results.json, recall_at_k.png
     gcr table PATH [--reference M]     the table + bootstrap intervals of a stored results.json, no retraining
+    gcr table A B --out DIR            one bench run on different seeds (A, B) merged into one table
     gcr explain RUN --text "a red star" retrieve with an RGS-trained run and generate why each result matches
     gcr schemes                        registered identifier schemes (built-in and plugins)
     gcr data shapes --out DIR -n N     generate the shapes corpus in Karpathy format
@@ -103,13 +104,21 @@ def cmd_table(args) -> int:
 
     if args.resamples < 1:
         raise ConfigError(f"--resamples must be at least 1, got {args.resamples}")
-    path = Path(args.path)
-    path = path / "results.json" if path.is_dir() else path
-    results = read_json(path, what="results file")
-    if not isinstance(results, dict) or not isinstance(results.get("rows"), list) or not results["rows"]:
-        raise ConfigError(f"{path} is not a gcr results file (no rows); pass the results.json of a fit or bench")
-    if isinstance(results.get("config"), dict):  # a file written before the key rename reads with today's keys
-        results["config"] = upgrade_config(results["config"])
+    documents = []
+    for given in args.path:
+        path = Path(given)
+        path = path / "results.json" if path.is_dir() else path
+        results = read_json(path, what="results file")
+        if not isinstance(results, dict) or not isinstance(results.get("rows"), list) or not results["rows"]:
+            raise ConfigError(f"{path} is not a gcr results file (no rows); pass the results.json of a fit or bench")
+        if isinstance(results.get("config"), dict):  # a file written before the key rename reads with today's keys
+            results["config"] = upgrade_config(results["config"])
+        documents.append((str(path), results))
+    if len(documents) > 1:
+        from gcr.reporting.merge import merge_seed_runs
+
+        results = merge_seed_runs(documents)
+        path = f"{len(documents)} files, seeds {', '.join(map(str, results['bench']['seeds']))}"
     reference = args.reference or (results.get("bench") or {}).get("reference") or \
         (results.get("intervals") or {}).get("reference")
     results["intervals"] = compute_intervals(results, reference, resamples=args.resamples)
@@ -188,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--config-dir", help="folder holding config.yaml, the config groups and bench/")
     bench.set_defaults(func=cmd_bench)
     tb = sub.add_parser("table", help="recompute the table and intervals of a results.json: gcr table PATH")
-    tb.add_argument("path", help="a results.json, or a folder holding one (a run or bench folder)")
+    tb.add_argument("path", nargs="+", help="a results.json, or a folder holding one (a run or bench folder); "
+                                            "several: one bench run on different seeds, merged into one table")
     tb.add_argument("--reference", help="the method every row is compared with (default: the bench's reference, "
                                         "else the dense baseline, else the first method)")
     tb.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")

@@ -172,6 +172,48 @@ def test_gcr_table_recomputes_the_tables_from_results_json(bench, tmp_path, caps
     assert "reference 'nope'" in capsys.readouterr().err
 
 
+def _one_seed(results: dict, seed: int) -> dict:
+    """The document a run of the same bench on ``seed`` alone would have written (rows, seeds, wall, reuse)."""
+    doc = json.loads(json.dumps(results))
+    i = doc["bench"]["seeds"].index(seed)
+    doc["rows"] = [r for r in doc["rows"] if r["seed"] == seed]
+    doc["bench"]["seeds"] = [seed]
+    for field in ("wall_seconds", "reused"):
+        doc["bench"][field] = {label: [values[i]] for label, values in doc["bench"][field].items()}
+    doc.pop("intervals")
+    return doc
+
+
+def test_gcr_table_merges_one_bench_run_on_different_seeds(bench, tmp_path, capsys):
+    _, bench_dir, results = bench
+    for seed in (0, 1):
+        (tmp_path / f"s{seed}.json").write_text(json.dumps(_one_seed(results, seed)))
+    out = tmp_path / "merged"
+    assert main(["table", str(tmp_path / "s1.json"), str(tmp_path / "s0.json"), "--out", str(out)]) == 0
+    merged = json.loads((out / "results.json").read_text())
+    # the same table and the same paired intervals as the bench that ran both seeds at once
+    assert (out / "results.md").read_text() == (bench_dir / "results.md").read_text()
+    assert merged["intervals"] == results["intervals"]
+    assert merged["bench"]["seeds"] == [0, 1] and merged["bench"]["wall_seconds"] == results["bench"]["wall_seconds"]
+    assert [m["seeds"] for m in merged["merged_from"]] == [[0], [1]]
+    assert "seeds 0, 1" in capsys.readouterr().out
+
+    # a seed in two files, another bench, other data: refused, naming the problem
+    assert main(["table", str(tmp_path / "s0.json"), str(tmp_path / "s0.json")]) == 2
+    assert "seed 0 is in both" in capsys.readouterr().err
+    other = _one_seed(results, 1)
+    other["bench"]["runs"]["hk4"]["overrides"] = ["scheme=hkmeans"]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert main(["table", str(tmp_path / "s0.json"), str(tmp_path / "other.json")]) == 2
+    assert "bench.runs differs" in capsys.readouterr().err
+    moved = _one_seed(results, 1)
+    moved["corpus"]["test_images"] += 1
+    moved["corpus"]["fingerprint"] = "another machine"
+    (tmp_path / "moved.json").write_text(json.dumps(moved))
+    assert main(["table", str(tmp_path / "s0.json"), str(tmp_path / "moved.json")]) == 2
+    assert "different data (corpus test_images differ)" in capsys.readouterr().err
+
+
 def test_gcr_table_reads_a_results_file_without_per_query_ranks(bench, tmp_path, capsys):
     """A version-1 document (no per-query ranks): the table as before, no intervals, and a note saying why."""
     _, _, results = bench
