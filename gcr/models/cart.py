@@ -50,6 +50,7 @@ from gcr.data.corpus import Content, Corpus
 from gcr.errors import ArtifactError, ConfigError, DataError
 from gcr.models.base import BACKBONE_FILE, IGNORE_INDEX, GenerativeBackbone
 from gcr.models.cart_network import FUSIONS, CartNetwork
+from gcr.models.sibling_smoothing import sibling_smoothed_cross_entropy
 
 WEIGHTS_FILE = "model.safetensors"
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>"}
@@ -134,6 +135,9 @@ class CartBackbone(GenerativeBackbone):
     writes_text = False
     reads = ("text", "image", "feature")
     spells_words = False  # its tokenizer holds special tokens only: identifiers must be new code tokens
+    #: prefix-aware label smoothing (``model=compact``'s ``sibling_smoothing``); needs :meth:`set_identifier_trie`
+    sibling_smoothing = 0.0
+    identifier_trie = None
 
     def __init__(self, tokenizer: Any, text_encoder: nn.Module, text_tokenizer: Any, vision: nn.Module,
                  **options: Any):
@@ -403,7 +407,16 @@ class CartBackbone(GenerativeBackbone):
         # R-Drop: every row twice (item-major, rows 2b and 2b + 1); dropout differs between the copies
         logits = self.model.decode(ids.repeat_interleave(group, 0), caches, mask, group=group)[0].float()
         targets = labels.repeat_interleave(group, 0)
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        if self.training and self.sibling_smoothing > 0:
+            if self.identifier_trie is None:
+                raise ConfigError("model.sibling_smoothing needs the trie of the training identifiers: call "
+                                  "set_identifier_trie(index.trie()) first (gcr fit does)")
+            if self.identifier_trie.device != targets.device:
+                self.identifier_trie = self.identifier_trie.to(targets.device)
+            ce = sibling_smoothed_cross_entropy(logits, targets, self.identifier_trie, self.sibling_smoothing,
+                                                IGNORE_INDEX)
+        else:
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
         if not rdrop:
             return {"ce": ce, "kl": ce.new_zeros(())}
         log_probs = logits.log_softmax(-1).view(labels.shape[0], 2, *logits.shape[1:])
@@ -411,6 +424,10 @@ class CartBackbone(GenerativeBackbone):
         kl = 0.5 * (F.kl_div(second, first, reduction="none", log_target=True)
                     + F.kl_div(first, second, reduction="none", log_target=True)).sum(-1).mean()
         return {"ce": ce, "kl": kl}
+
+    def set_identifier_trie(self, trie: Any) -> None:
+        """The trie of every training identifier: sibling smoothing shares its mass among a prefix's children."""
+        self.identifier_trie = trie
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cross-entropy + ``rdrop_weight`` x symmetric KL of two dropout passes (in training mode)."""

@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "fusion": "last",
     "rdrop_weight": 0.0,
     "center_modalities": False,
+    "sibling_smoothing": 0.0,
     "vocab_size": 1000,
     "max_text_tokens": 48,
     "max_id_tokens": 64,
@@ -219,6 +220,7 @@ class CompactBackbone(CartBackbone):
         self.cache = ENCODINGS if cache is None else cache
         self.num_memory_layers = encoder.layers
         self.rdrop_weight = float(opts["rdrop_weight"])
+        self.sibling_smoothing = float(opts["sibling_smoothing"])
         self.seed = int(opts["seed"])
         self.train_encoder = False
 
@@ -232,6 +234,9 @@ class CompactBackbone(CartBackbone):
         if o["decoder"] not in DECODERS:
             raise ConfigError(f"unknown model.decoder {o['decoder']!r}; choose one of {', '.join(DECODERS)}")
         check_decoder_options(o)
+        if not 0.0 <= float(o["sibling_smoothing"]) < 1.0:
+            raise ConfigError(f"model.sibling_smoothing must be in [0, 1) (the mass moved to sibling codes), "
+                              f"got {o['sibling_smoothing']}")
         if int(o["vocab_size"]) < 0:
             raise ConfigError(f"model.vocab_size must be >= 0 (corpus words in the vocabulary), got {o['vocab_size']}")
 

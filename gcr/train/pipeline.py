@@ -156,6 +156,8 @@ def _fit_direction(cfg: DictConfig, corpus: Corpus, direction: str, dense, out_d
         backbone.set_code_vectors(scheme.code_vectors())  # model.fusion=candidate (checked up front)
     rgs = _rationale_setup(cfg, scheme, task, index, backbone)
     index.tokenize(backbone.tokenizer, end_token_id=rgs.separator_id if rgs else None)
+    if getattr(backbone, "sibling_smoothing", 0.0) > 0:
+        backbone.set_identifier_trie(index.trie())  # model.sibling_smoothing: every target's identifier
     index.save(out_dir)
     if rgs is not None:
         write_json(out_dir / "rationales.json", dict(zip([t.target_id for t in task.targets], scheme.rationales())))
