@@ -352,3 +352,48 @@ def test_pipeline_fits_stored_feature_items(encoder, tmp_path):
     assert set(rows) == {("dense-pretrained", "t2i"), ("hkmeans", "t2i")}
     again = evaluate(Path(cfg.output_dir) / cfg.run_name / "t2i")  # reloads the saved backbone (and dense)
     assert again["rows"][0]["metrics"]["R@10"] == pytest.approx(rows[("hkmeans", "t2i")]["metrics"]["R@10"])
+
+
+def test_interpolation_mixes_that_share_of_query_rows_with_their_targets(corpus, dense):
+    backbone = make(corpus, dense, interpolation=1.0, seed=5)
+    image = corpus.split("train")[0]
+    caption = Content.text(image.captions[0].text)
+    query = dense.encode_text([caption.value])[0]
+    target = dense.encode_images([str(image.path)])[0]
+    batch = backbone.batch([caption, caption, image.content()], anchors=[image.content(), None, None])
+    mixed, plain, indexed = batch["text_memory"][0, 0], batch["text_memory"][1, 0], batch["image_memory"][0, 0]
+    assert torch.allclose(plain, query, atol=1e-6) and torch.allclose(indexed, target, atol=1e-6)
+    # on the segment between the caption and its image, strictly inside it
+    lam = float((mixed - target) @ (query - target) / (query - target).norm() ** 2)
+    assert 0.0 < lam < 1.0 and torch.allclose(mixed, lam * query + (1 - lam) * target, atol=1e-5)
+    # off: the anchors change nothing; a share of 0.5 mixes about half the rows
+    off = make(corpus, dense)
+    assert torch.equal(off.batch([caption], anchors=[image.content()])["text_memory"], plain[None, None])
+    half = make(corpus, dense, interpolation=0.5)
+    rows = half.batch([caption] * 200, anchors=[image.content()] * 200)["text_memory"][:, 0]
+    share = float((~torch.isclose(rows, query[None], atol=1e-6).all(-1)).float().mean())
+    assert 0.35 < share < 0.65
+    with pytest.raises(ConfigError, match="encoder=aligned"):
+        CompactBackbone.create(corpus, encoder="pretrained", interpolation=0.5, **SMALL)
+
+
+def test_training_examples_carry_their_target_as_the_anchor(corpus):
+    from gcr.data.corpus import retrieval_task
+    from gcr.index import IdentifierIndex
+    from gcr.schemes import build_scheme
+    from gcr.train.datamodule import training_examples
+
+    task = retrieval_task(corpus, "t2i")
+    scheme = build_scheme("atomic")
+    index = IdentifierIndex.build(scheme, [t.target_id for t in task.targets], scheme.fit(task.targets, None),
+                                  direction="t2i", corpus_fingerprint=corpus.fingerprint())
+    tokenizer = train_corpus_tokenizer(["a b"], 10, reserved_words=())
+    tokenizer.add_tokens(scheme.new_tokens())
+    index.tokenize(tokenizer)
+    examples = training_examples(task, index)
+    content_of = {t.target_id: t.content for t in task.targets}
+    indexing = [e for e in examples if e.content.modality == "image"]
+    queries = [e for e in examples if e.content.modality == "text"]
+    assert indexing and all(e.anchor is None for e in indexing)
+    owner = {q.content.value: q.relevant[0] for q in task.queries_of("train")}
+    assert queries and all(e.anchor == content_of[owner[e.content.value]] for e in queries)

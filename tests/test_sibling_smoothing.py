@@ -89,7 +89,8 @@ def test_the_compact_backbone_smooths_over_siblings_in_training_only(tmp_path):
 
 
 def test_gcr_fit_hands_the_trie_of_every_target_to_the_backbone(tmp_path):
-    """Without the trie, training would refuse (above): a finished fit shows the pipeline set it."""
+    """Without the trie, training would refuse (above): a finished fit shows the pipeline set it. The same fit
+    mixes query and target vectors (model.interpolation: the datamodule hands the backbone each anchor)."""
     import json
 
     from gcr.cli import compose, config_dir
@@ -98,11 +99,11 @@ def test_gcr_fit_hands_the_trie_of_every_target_to_the_backbone(tmp_path):
     cfg = compose([
         f"output_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}", "data.num_images=40",
         "data.image_size=32", "model=compact", "scheme=hkmeans", "scheme.k=4", "scheme.leaf_size=4",
-        "model.sibling_smoothing=0.1", "directions=[t2i]", "dense.max_epochs=1", "dense.image_size=32",
+        "model.sibling_smoothing=0.1", "model.interpolation=0.5", "directions=[t2i]", "dense.max_epochs=1", "dense.image_size=32",
         "trainer.max_epochs=1", "decoding.num_beams=3", "model.d_model=32", "model.num_layers=1",
         "model.ffn_dim=64", "model.num_heads=2",
     ], config_dir())
     rows = {r["method"]: r for r in fit(cfg)["rows"]}
     assert 0.0 <= rows["hkmeans"]["metrics"]["R@1"] <= 1.0
     saved = json.loads((tmp_path / "runs" / cfg.run_name / "t2i" / "backbone" / "backbone.json").read_text())
-    assert saved["sibling_smoothing"] == 0.1
+    assert saved["sibling_smoothing"] == 0.1 and saved["interpolation"] == 0.5

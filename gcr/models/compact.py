@@ -59,6 +59,7 @@ DEFAULTS: dict[str, Any] = {
     "rdrop_weight": 0.0,
     "center_modalities": False,
     "sibling_smoothing": 0.0,
+    "interpolation": 0.0,
     "vocab_size": 1000,
     "max_text_tokens": 48,
     "max_id_tokens": 64,
@@ -221,6 +222,8 @@ class CompactBackbone(CartBackbone):
         self.num_memory_layers = encoder.layers
         self.rdrop_weight = float(opts["rdrop_weight"])
         self.sibling_smoothing = float(opts["sibling_smoothing"])
+        self.interpolation = float(opts["interpolation"])
+        self._mixing = torch.Generator().manual_seed(int(opts["seed"]))
         self.seed = int(opts["seed"])
         self.train_encoder = False
 
@@ -237,6 +240,12 @@ class CompactBackbone(CartBackbone):
         if not 0.0 <= float(o["sibling_smoothing"]) < 1.0:
             raise ConfigError(f"model.sibling_smoothing must be in [0, 1) (the mass moved to sibling codes), "
                               f"got {o['sibling_smoothing']}")
+        if not 0.0 <= float(o["interpolation"]) <= 1.0:
+            raise ConfigError(f"model.interpolation is the share of query examples mixed with their target, in "
+                              f"[0, 1]; got {o['interpolation']}")
+        if float(o["interpolation"]) > 0 and o["encoder"] != "aligned":
+            raise ConfigError("model.interpolation mixes a query's vector with its target's, which needs one vector "
+                              "per content in one space: set model.encoder=aligned, or model.interpolation=0")
         if int(o["vocab_size"]) < 0:
             raise ConfigError(f"model.vocab_size must be >= 0 (corpus words in the vocabulary), got {o['vocab_size']}")
 
@@ -304,11 +313,15 @@ class CompactBackbone(CartBackbone):
         return self
 
     # -- inputs -------------------------------------------------------------------------------
-    def batch(self, contents: Sequence[Content], targets: Sequence[Sequence[int]] | None = None
-              ) -> dict[str, torch.Tensor]:
+    def batch(self, contents: Sequence[Content], targets: Sequence[Sequence[int]] | None = None,
+              anchors: Sequence[Content | None] | None = None) -> dict[str, torch.Tensor]:
         """Model inputs from the cached encodings. Per modality ``m`` present: ``m_rows`` (N_m,) row positions,
         ``m_memory`` (N_m, T_m, W_m) and ``m_mask`` (N_m, T_m). ``input_ids`` (B, 1) is a BOS placeholder (the
-        protocol's batch size); with ``targets``: ``decoder_input_ids`` and ``labels`` (CART's)."""
+        protocol's batch size); with ``targets``: ``decoder_input_ids`` and ``labels`` (CART's).
+
+        ``anchors`` (training, ``model.interpolation`` > 0): each query example's target content; that share of
+        the rows with an anchor reads ``lam * query + (1 - lam) * target``, ``lam ~ U(0, 1)`` (GENIUS's
+        query-target interpolation), so the decoder sees the path between a caption and its image."""
         if not contents:
             raise DataError("an empty batch: there is nothing to encode")
         modalities = [c.modality for c in contents]
@@ -318,6 +331,8 @@ class CompactBackbone(CartBackbone):
         if any(m == "text" and not c.value.strip() for c, m in zip(contents, modalities)):
             raise DataError("empty text input: every caption and query must contain words; fix or drop it")
         encodings = self.cache.get(self.query_encoder, contents)
+        if anchors is not None and self.interpolation > 0:
+            encodings = self._interpolated(encodings, anchors)
         out: dict[str, torch.Tensor] = {
             "input_ids": torch.full((len(contents), 1), self.tokenizer.bos_token_id, dtype=torch.long),
             "attention_mask": torch.ones(len(contents), 1, dtype=torch.long),
@@ -335,6 +350,21 @@ class CompactBackbone(CartBackbone):
             out[f"{m}_rows"], out[f"{m}_memory"], out[f"{m}_mask"] = torch.tensor(rows), memory, mask
         if targets is not None:
             out.update(self._decoder_inputs(targets))
+        return out
+
+    def _interpolated(self, encodings: list[torch.Tensor], anchors: Sequence[Content | None]) -> list[torch.Tensor]:
+        if len(anchors) != len(encodings):
+            raise DataError(f"{len(anchors)} anchors for {len(encodings)} contents: give one (or None) per content")
+        rows = [i for i, a in enumerate(anchors) if a is not None]
+        if not rows:
+            return encodings
+        mixed = torch.rand(len(rows), generator=self._mixing) < self.interpolation
+        lam = torch.rand(len(rows), generator=self._mixing)
+        targets = self.cache.get(self.query_encoder, [anchors[i] for i in rows])
+        out = list(encodings)
+        for j, i in enumerate(rows):
+            if mixed[j]:
+                out[i] = lam[j] * encodings[i].float() + (1 - lam[j]) * targets[j].float()
         return out
 
     def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

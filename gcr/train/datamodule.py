@@ -33,6 +33,7 @@ class Example:
     content: Content
     target: tuple[int, ...]  # identifier token ids, ending with EOS (or the RGS separator)
     rationale: tuple[int, ...] = ()  # RGS: the target's rationale tokens + EOS, trained after the identifier
+    anchor: Content | None = None  # a query example's target content (model.interpolation mixes the two)
 
 
 def training_examples(
@@ -46,14 +47,17 @@ def training_examples(
     ids = index.token_ids
     rationales = rationales or {}
 
-    def example(content: Content, target_id: str) -> Example:
-        return Example(content, tuple(ids[index.identifier_of(target_id)]), tuple(rationales.get(target_id, ())))
+    contents = {t.target_id: t.content for t in task.targets}
+
+    def example(content: Content, target_id: str, anchor: Content | None = None) -> Example:
+        return Example(content, tuple(ids[index.identifier_of(target_id)]), tuple(rationales.get(target_id, ())),
+                       anchor)
 
     examples = []
     if indexing:
         examples += [example(t.content, t.target_id) for t in task.targets]
     for q in task.queries_of("train"):
-        examples += [example(q.content, r) for r in q.relevant]
+        examples += [example(q.content, r, contents.get(r)) for r in q.relevant]
     return examples
 
 
@@ -140,7 +144,11 @@ class GenerativeDataModule(L.LightningDataModule):
         self._rng = random.Random(self.seed * 1_000_003 + rank)
 
     def _collate_train(self, batch: list[Example]):
-        ids = self.backbone.batch([e.content for e in batch], [e.target + e.rationale for e in batch])
+        contents, targets = [e.content for e in batch], [e.target + e.rationale for e in batch]
+        if getattr(self.backbone, "interpolation", 0.0) > 0:  # model.interpolation (GENIUS): query-target mixes
+            ids = self.backbone.batch(contents, targets, anchors=[e.anchor for e in batch])
+        else:
+            ids = self.backbone.batch(contents, targets)
         if any(e.rationale for e in batch):  # RGS: the module weighs these label positions separately
             ids["rationale_mask"] = rationale_mask(ids["input_ids"].shape[1], [len(e.rationale) for e in batch])
         if self.verifier is None or not self.verification_pairs:

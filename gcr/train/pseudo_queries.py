@@ -84,7 +84,7 @@ def pseudo_queries(
             seen.append(text)
         texts[target.target_id] = seen
         identifier = tuple(index.token_ids[index.identifier_of(target.target_id)])
-        examples.extend(Example(Content.text(text), identifier) for text in seen)
+        examples.extend(Example(Content.text(text), identifier, anchor=target.content) for text in seen)
     d = cfg.description
     source = f"description captioner ({d.captioner}{': ' + str(d.path) if d.captioner == 'hf' else ''}), " \
              f"{'zero-shot' if d.captioner == 'hf' else 'trained on the train split only'}"
