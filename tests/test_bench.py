@@ -187,7 +187,10 @@ def _one_seed(results: dict, seed: int) -> dict:
 def test_gcr_table_merges_one_bench_run_on_different_seeds(bench, tmp_path, capsys):
     _, bench_dir, results = bench
     for seed in (0, 1):
-        (tmp_path / f"s{seed}.json").write_text(json.dumps(_one_seed(results, seed)))
+        doc = _one_seed(results, seed)
+        if seed == 1:  # run elsewhere: where files went does not matter
+            doc["bench"]["overrides"] = [*doc["bench"]["overrides"], "output_dir=/elsewhere", "wandb.mode=online"]
+        (tmp_path / f"s{seed}.json").write_text(json.dumps(doc))
     out = tmp_path / "merged"
     assert main(["table", str(tmp_path / "s1.json"), str(tmp_path / "s0.json"), "--out", str(out)]) == 0
     merged = json.loads((out / "results.json").read_text())

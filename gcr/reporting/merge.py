@@ -1,7 +1,8 @@
 """Merge the results documents of one bench run on different seeds into one (``gcr table A B ...``).
 
 A seed added later (another machine, another day) joins the seeds already measured without re-running them:
-the documents must come from the same bench (name, runs and their overrides, shared overrides) on the same
+the documents must come from the same bench (name, runs and their overrides, shared overrides other than where
+files go: ``output_dir``, ``cache_dir``, ``data.root``, ``wandb.*``) on the same
 data (the corpus description: name, split sizes, source, generator parameters), with no seed in two of them. Each row keeps its seed and per-query ranks, so the mean ± std
 and the paired intervals of the merged table are computed over every seed, as if one bench had run them all.
 """
@@ -14,6 +15,16 @@ from gcr.errors import ConfigError
 
 #: bench fields that must agree for two documents to be seeds of one bench
 _SAME_BENCH = ("name", "labels", "runs", "overrides", "dense")
+#: override keys that say where files go, not what is measured
+_LOCATION_KEYS = ("output_dir", "cache_dir", "data.root")
+
+
+def _measured(bench: dict[str, Any], key: str) -> Any:
+    value = bench.get(key)
+    if key == "overrides" and isinstance(value, list):
+        return [o for o in value if str(o).split("=", 1)[0].lstrip("+~") not in _LOCATION_KEYS
+                and not str(o).startswith("wandb.")]
+    return value
 
 
 def _seeds(doc: dict[str, Any]) -> list[int]:
@@ -45,10 +56,11 @@ def merge_seed_runs(documents: list[tuple[str, dict[str, Any]]]) -> dict[str, An
     seen: dict[int, str] = {}
     for path, doc in documents:
         for key in _SAME_BENCH:
-            if doc["bench"].get(key) != first["bench"].get(key):
+            if _measured(doc["bench"], key) != _measured(first["bench"], key):
                 raise ConfigError(
                     f"{path} and {first_path} are not seeds of one bench: bench.{key} differs "
-                    f"({doc['bench'].get(key)!r} vs {first['bench'].get(key)!r}); merge only runs of the same bench file"
+                    f"({_measured(doc['bench'], key)!r} vs {_measured(first['bench'], key)!r}); merge only runs of "
+                    "the same bench file"
                 )
         corpus, first_corpus = _data_description(doc), _data_description(first)
         if corpus != first_corpus:
