@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-# The default job: dense + hkmeans on the shared compact backbone, both directions (configs/experiment/quickstart.yaml).
+# The default job: dense + atomic (the best built-in scheme of `gcr bench schemes`) on the shared compact backbone, both directions (configs/experiment/quickstart.yaml).
 run: install
 	$(BIN)/gcr fit +experiment=quickstart $(ARGS)
 
