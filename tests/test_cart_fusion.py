@@ -13,31 +13,15 @@ import pytest
 import torch
 
 from gcr.data.corpus import Content, Target
-from gcr.data.sources import load_shapes
 from gcr.decoding import TokenTrie
-from gcr.dense.models import DualEncoder
 from gcr.errors import ConfigError
 from gcr.models.cart_network import LAYER_FUSIONS, CoarseFineFusion, CodeTables
 from gcr.models.compact import DECODERS, CompactBackbone
 from gcr.models.query_encoders import EncodingCache
-from gcr.models.tokenizer import train_corpus_tokenizer
 from gcr.schemes import build_scheme
 from gcr.schemes.cart import CartScheme
 
 SMALL = {"d_model": 32, "num_layers": 2, "num_heads": 2, "ffn_dim": 64}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return load_shapes(str(tmp_path_factory.mktemp("shapes")), num_images=40, image_size=32)
-
-
-@pytest.fixture(scope="module")
-def dense(corpus):
-    torch.manual_seed(0)
-    tokenizer = train_corpus_tokenizer((c.text for c in corpus.captions("train")), 200)
-    return DualEncoder(tokenizer, image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=1,
-                       text_hidden_size=32, text_layers=1, embed_dim=16)
 
 
 @pytest.fixture(scope="module")

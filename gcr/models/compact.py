@@ -113,9 +113,9 @@ class CompactNetwork(nn.Module):
         # center_modalities: each modality's train-split mean encoding, subtracted before the projection (saved
         # with the weights; set by CompactBackbone.center_modalities)
         self.centered = bool(center_modalities)
-        for m, ws in self.widths.items():
-            if self.centered:
-                self.register_buffer(f"mean_{m}", torch.zeros(sum(ws) if len(ws) > 1 else ws[0]))
+        if self.centered:
+            for m, ws in self.widths.items():  # a row is its layers' vectors side by side (one width: one vector)
+                self.register_buffer(f"mean_{m}", torch.zeros(sum(ws)))
         groups = {"shared": next(iter(self.widths.values()))} if shared else self.widths
         self.proj = nn.ModuleDict({
             m: nn.ModuleList(nn.Sequential(nn.LayerNorm(w), nn.Linear(w, d_model)) for w in ws) for m, ws in groups.items()
@@ -278,29 +278,23 @@ class CompactBackbone(CartBackbone):
         return backbone
 
     @torch.no_grad()
-    def center_modalities(self, corpus: Corpus) -> dict[str, float]:
+    def center_modalities(self, corpus: Corpus) -> None:
         """Set each modality's mean encoding over the train split (``model.center_modalities=true``).
 
         A contrastive space keeps its text and image embeddings in two separate cones (the *modality gap*), so a
         decoder that learned a test image's identifier from the image alone reads its captions from elsewhere.
-        Subtracting each modality's mean moves both cones onto one centre (Liang et al., 2022). Returns the gap
-        ``|mean_text - mean_image|`` before centering (0 when only one modality is present).
+        Subtracting each modality's mean moves both cones onto one centre (Liang et al., 2022).
         """
         if not self.model.centered:
             raise ConfigError("this compact model was built without model.center_modalities=true")
         train = corpus.split("train")
         contents = {"text": [Content.text(c.text) for c in corpus.captions("train")],
                     "image": [im.content() for im in train if im.modality == "image"],
-                    "feature": [im.content() for im in train if im.modality not in ("image",)]}
-        means = {}
+                    "feature": [im.content() for im in train if im.modality != "image"]}
         for modality, items in contents.items():
             if items and modality in self.model.widths:
                 rows = torch.stack([r.float().mean(0) for r in self.cache.get(self.query_encoder, items)])
-                means[modality] = rows.mean(0)
-                getattr(self.model, f"mean_{modality}").copy_(means[modality])
-        if "text" in means and "image" in means:
-            return {"gap": float((means["text"] - means["image"]).norm())}
-        return {"gap": 0.0}
+                getattr(self.model, f"mean_{modality}").copy_(rows.mean(0))
 
     def options(self) -> dict[str, Any]:
         return dict(self.opts)

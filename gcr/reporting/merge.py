@@ -1,10 +1,11 @@
 """Merge the results documents of one bench run on different seeds into one (``gcr table A B ...``).
 
-A seed added later (another machine, another day) joins the seeds already measured without re-running them:
-the documents must come from the same bench (name, runs and their overrides, shared overrides other than where
-files go: ``output_dir``, ``cache_dir``, ``data.root``, ``wandb.*``) on the same
-data (the corpus description: name, split sizes, source, generator parameters), with no seed in two of them. Each row keeps its seed and per-query ranks, so the mean ± std
-and the paired intervals of the merged table are computed over every seed, as if one bench had run them all.
+A seed added later (another machine, another day) joins the seeds already measured without re-running them.
+The documents must come from the same bench (name, runs and their overrides, shared overrides other than where
+files go: ``output_dir``, ``cache_dir``, ``data.root``, ``wandb.*``) on the same data (the corpus description:
+name, split sizes, source, generator parameters), with no seed in two of them. Each row keeps its seed and
+per-query ranks, so the mean ± std and the paired intervals of the merged table are computed over every seed, as
+if one bench had run them all.
 """
 
 from __future__ import annotations
